@@ -1,0 +1,3 @@
+"""sketchgan: the production pipeline for "Sketch Your Own GAN" (GANSketching) on Ray."""
+
+__version__ = "0.1.0"

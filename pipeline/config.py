@@ -1,0 +1,288 @@
+"""One validated configuration for every stage, loaded from YAML plus `--set section.key=value` overrides.
+
+Every section refuses unknown keys, wrong types and out-of-range values before any work starts; the
+error names the field (``train.no_such_knob: extra inputs are not permitted``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.names import validate_name
+
+DEFAULT_ROOT = ".sketchgan"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the culprit."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    """Where everything is read and written: a local folder or ``s3://bucket/prefix``."""
+
+    root: str = DEFAULT_ROOT
+    # Retries (with exponential backoff, inside pyarrow/boto3) for transient S3 failures.
+    s3_max_attempts: int = Field(8, ge=1, le=50)
+
+
+class SketchSetSpec(Section):
+    """One user sketch set to customise a model from."""
+
+    name: str
+    uri: str | None = None  # stored sketch set (Parquet); default <root>/sketchsets/<name>
+    from_dir: str | None = None  # folder/prefix of drawings to create it from when missing
+    from_ids: str | None = None  # file of dataset ids to create it from when missing
+    evalset: str | None = None  # evaluation set (Parquet of real images) for FID
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return validate_name(v, "sketch set name")
+
+
+class DataConfig(Section):
+    """Preprocessing: LSUN (or image folder / Parquet) -> image/sketch pairs in Parquet."""
+
+    source: str | None = None  # LSUN LMDB folder, image folder/prefix or Parquet URI
+    category: str = "cat"
+    size: int = Field(256, ge=8, le=1024)
+    sketcher: Literal["edges", "photosketch"] = "edges"
+    sketcher_weights: str | None = None  # PhotoSketch checkpoint URI
+    limit: int | None = Field(None, ge=1)
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    dataset: str | None = None  # preprocessed dataset URI; default <root>/datasets/<category>
+    max_image_pixels: int = Field(89_478_485, ge=1)  # larger images are refused as decompression bombs
+
+    @field_validator("category")
+    @classmethod
+    def _safe_category(cls, v: str) -> str:
+        return validate_name(v, "category")
+
+
+class ModelConfig(Section):
+    """The StyleGAN2 architecture and where its base weights come from."""
+
+    size: int = Field(256, ge=32, le=1024)
+    style_dim: int = Field(512, ge=8)
+    n_mlp: int = Field(8, ge=1, le=16)
+    channel_multiplier: int = Field(2, ge=1, le=8)
+    channel_max: int = Field(512, ge=4)  # caps every layer's width: small values give tiny test models
+    lr_mlp: float = Field(0.01, gt=0)
+    w_shift: bool = False
+    base_g: str | None = None  # netG.pth (published or from `sketchgan pretrain`)
+    base_d: str | None = None  # netD.pth
+
+    @field_validator("size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+
+class PretrainConfig(Section):
+    """Ordinary StyleGAN2 training from scratch (the demo's and tests' base model)."""
+
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.002, gt=0)
+    r1_gamma: float = Field(10.0, ge=0)
+    r1_every: int = Field(16, ge=1)
+    ema_half_life_kimg: float = Field(10.0, ge=0)
+    mixing: float = Field(0.9, ge=0, le=1)
+    augment: str = ""
+    run_name: str = "base"
+    seed: int = 0
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run(cls, v: str) -> str:
+        return validate_name(v, "run name")
+
+
+class TrainConfig(Section):
+    """GANSketching fine-tuning, one run per sketch set."""
+
+    sketch_sets: list[SketchSetSpec] = Field(default_factory=list)
+    iterations: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.002, gt=0)
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    lambda_image: float = Field(0.7, ge=0)
+    lambda_weight: float = Field(0.0, ge=0)
+    r1_gamma: float = Field(10.0, ge=0)
+    r1_every: int = Field(16, ge=1)
+    gan_loss: Literal["softplus", "hinge", "lsgan"] = "softplus"
+    mixing: float = Field(0.9, ge=0, le=1)
+    trained: Literal["mapping", "w_shift", "all"] = "mapping"
+    augment: str = "translation"
+    transform_fake: str = "toSketch,to3ch"
+    transform_real: str = "to3ch"
+    dsketch_init: Literal["base", "random"] = "base"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent_runs: int = Field(4, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    max_failures: int = Field(3, ge=0)
+    run_prefix: str = "train"
+    resume: str | None = None  # a run name whose latest checkpoint to resume from
+
+    @field_validator("augment")
+    @classmethod
+    def _known_policies(cls, v: str) -> str:
+        known = {"translation", "cutout", "color"}
+        for name in (p.strip() for p in v.split(",") if p.strip()):
+            if name not in known:
+                raise ValueError(f"unknown augmentation policy {name!r} (known: {', '.join(sorted(known))})")
+        return v
+
+
+class TuneConfig(Section):
+    """Ray Tune sweep over training settings."""
+
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1)
+    param_space: dict[str, list[Any]] = Field(default_factory=dict)  # train.<key> -> values
+    metric: str | None = None  # default: fid when an evaluation set is configured, else loss_sketch
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    name: str = "sweep"
+    resume: bool = False
+
+
+class RegistryConfig(Section):
+    """MLflow tracking and the model registry."""
+
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else a local store under the root
+    experiment: str = "sketchgan"
+    model_prefix: str = "sketchgan"
+    auto_register: bool = True  # register each finished customisation
+    champion_alias: str = "champion"
+
+
+class EvalConfig(Section):
+    """FID/KID benchmarking."""
+
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    n_samples: int = Field(1000, ge=2)
+    batch_size: int = Field(50, ge=1)
+    feature_extractor: str = "inception"
+    inception_weights: str | None = None
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    truncation: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    name: str = "benchmark"
+
+
+class Config(Section):
+    """The whole configuration: one section per pipeline stage."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        lines.append(f"{loc}: {msg}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if len(path) < 2 or any(not p for p in path):
+        raise ConfigError(f"--set {text!r}: the key must be section.key (e.g. train.iterations=100)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config mapping (validation happens afterwards)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config file (or the defaults) with ``--set`` overrides applied."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source}: the top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new validated config: ``cfg`` with ``--set``-style overrides applied."""
+    data = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "overrides")) from None

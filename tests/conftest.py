@@ -1,0 +1,54 @@
+"""Fixtures shared by all tests: a loopback S3 endpoint for the session and a local Ray per module."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from s3_endpoint import S3Endpoint  # noqa: E402
+
+# Keep tests off the user's real AWS account and MLflow server whatever the environment says.
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, with the environment pointing boto3 and pyarrow at it."""
+    endpoint = S3Endpoint().start()
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)
+    yield endpoint
+    endpoint.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the loopback endpoint."""
+    return s3_endpoint.new_bucket()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """A local Ray instance with 2 CPUs for the module (started after S3 so workers inherit its env)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()

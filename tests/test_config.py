@@ -1,0 +1,98 @@
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config, with_overrides
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.lambda_image == 0.7
+    assert cfg.train.r1_gamma == 10 and cfg.train.r1_every == 16
+    assert (cfg.train.lr, cfg.train.beta1, cfg.train.beta2) == (0.002, 0.0, 0.99)
+    assert cfg.train.mixing == 0.9 and cfg.train.trained == "mapping"
+    assert cfg.storage.root == ".sketchgan"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "train:\n  iterations: 5\nmodel:\n  size: 32\n")
+    overrides = ["train.batch_size=8", "data.sketcher=photosketch", "train.augment=translation,cutout"]
+    cfg = load_config(p, overrides)
+    assert cfg.train.iterations == 5 and cfg.train.batch_size == 8
+    assert cfg.model.size == 32 and cfg.data.sketcher == "photosketch"
+    assert cfg.train.augment == "translation,cutout"
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = write(tmp_path, "train:\n  no_such_knob: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.no_such_knob: extra inputs are not permitted"):
+        load_config(p)
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"trian: extra inputs are not permitted"):
+        load_config(write(tmp_path, "trian:\n  iterations: 3\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.iterations: input should be a valid integer"):
+        load_config(write(tmp_path, "train:\n  iterations: lots\n"))
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("train.lambda_image=-1", "train.lambda_image"), ("model.size=48", "model.size"),
+     ("data.max_error_rate=1.5", "data.max_error_rate"), ("train.iterations=0", "train.iterations")],
+)
+def test_out_of_range_is_named(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_augmentation_and_sketcher_are_named():
+    with pytest.raises(ConfigError, match="unknown augmentation policy 'rotate'"):
+        load_config(None, ["train.augment=translation,rotate"])
+    with pytest.raises(ConfigError, match=r"data\.sketcher"):
+        load_config(None, ["data.sketcher=crayon"])
+
+
+def test_unsafe_names_refused():
+    with pytest.raises(ConfigError, match=r"sketch set name '\.\./evil' is not allowed"):
+        load_config(None, ["train.sketch_sets=[{name: ../evil}]"])
+    with pytest.raises(ConfigError, match="pretrain.run_name"):
+        load_config(None, ["pretrain.run_name=a/b"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.iterations"])
+    with pytest.raises(ConfigError, match="the key must be section.key"):
+        load_config(None, ["iterations=3"])
+
+
+def test_with_overrides_revalidates():
+    cfg = load_config()
+    new = with_overrides(cfg, ["train.iterations=7"])
+    assert new.train.iterations == 7 and cfg.train.iterations != 7
+    with pytest.raises(ConfigError, match=r"train\.iterations"):
+        with_overrides(cfg, ["train.iterations=-7"])
+
+
+def test_round_trip_yaml(tmp_path):
+    cfg = load_config(None, ["train.iterations=11", "storage.root=s3://b/p"])
+    p = write(tmp_path, cfg.to_yaml())
+    assert load_config(p) == cfg

@@ -1,0 +1,129 @@
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.storage import StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/prefix"
+
+
+def test_round_trip_and_listing(root):
+    a, b = storage.join(root, "x", "a.bin"), storage.join(root, "x", "sub", "b.json")
+    assert not storage.exists(a)
+    storage.write_bytes(a, b"\x00\x01payload")
+    storage.write_json(b, {"k": [1, 2]})
+    assert storage.exists(a) and storage.read_bytes(a) == b"\x00\x01payload"
+    assert storage.read_json(b) == {"k": [1, 2]}
+    assert storage.list_files(storage.join(root, "x")) == [a, b]
+    assert storage.list_files(storage.join(root, "x"), suffix=".json") == [b]
+    storage.delete(a)
+    assert not storage.exists(a)
+    storage.delete_prefix(storage.join(root, "x"))
+    assert storage.list_files(storage.join(root, "x")) == []
+
+
+def test_missing_file_error_names_uri(root):
+    uri = storage.join(root, "missing.bin")
+    with pytest.raises(StorageError, match="missing.bin"):
+        storage.read_bytes(uri)
+
+
+def test_overwrite_is_all_or_nothing(root):
+    uri = storage.join(root, "obj.bin")
+    storage.write_bytes(uri, b"old")
+    storage.write_bytes(uri, b"new" * 1000)
+    assert storage.read_bytes(uri) == b"new" * 1000
+    # no temporary names are left behind where readers list
+    assert storage.list_files(root) == [uri]
+
+
+def test_failed_local_write_leaves_old_content(tmp_path, monkeypatch):
+    uri = str(tmp_path / "f.bin")
+    storage.write_bytes(uri, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(StorageError, match="f.bin"):
+        storage.write_bytes(uri, b"new")
+    assert storage.read_bytes(uri) == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_failed_s3_upload_leaves_old_object(s3_endpoint, s3_bucket):
+    uri = f"s3://{s3_bucket}/ckpt/latest.pt"
+    storage.write_bytes(uri, b"previous")
+    s3_endpoint.stop()
+    try:
+        with pytest.raises(StorageError, match="latest.pt"):
+            # bounded retries, then a clear error
+            storage.write_bytes(uri, b"x" * 10)
+    finally:
+        s3_endpoint.start()
+    assert storage.read_bytes(uri) == b"previous"
+
+
+def test_publish_dir_replaces_atomically(root, tmp_path):
+    src1 = tmp_path / "v1"
+    (src1 / "part").mkdir(parents=True)
+    (src1 / "part" / "a.txt").write_text("1")
+    (src1 / "stale.txt").write_text("s")
+    dest = storage.join(root, "dataset")
+    storage.publish_dir(src1, dest)
+    assert storage.read_text(storage.join(dest, "part", "a.txt")) == "1"
+    src2 = tmp_path / "v2"
+    (src2 / "part").mkdir(parents=True)
+    (src2 / "part" / "a.txt").write_text("2")
+    storage.publish_dir(src2, dest)
+    assert storage.list_files(dest) == [storage.join(dest, "part", "a.txt")]
+    assert storage.read_text(storage.join(dest, "part", "a.txt")) == "2"
+
+
+def test_upload_download_and_local_copy(root, tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    uri = storage.join(root, "w", "w.bin")
+    storage.upload_file(f, uri)
+    with storage.local_copy(uri) as p:
+        assert p.read_bytes() == b"weights"
+    assert storage.download_file(uri, tmp_path / "d" / "x.bin").read_bytes() == b"weights"
+
+
+def test_pyarrow_filesystem_reads_parquet(root):
+    table = pa.table({"id": [1, 2, 3]})
+    uri = storage.join(root, "t", "t.parquet")
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).column("id").to_pylist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/x", "http://example/x", "ftp://h/p"])
+def test_unsupported_scheme_named(uri):
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        storage.read_bytes(uri)
+
+
+def test_s3_uri_needs_bucket():
+    with pytest.raises(StorageError, match="needs a bucket"):
+        storage.filesystem("s3:///key")
+
+
+def test_unwritable_root_is_named(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    blocker = ro / "file"
+    blocker.write_text("x")
+    # a root below a regular file can never be created, even as root user
+    with pytest.raises(StorageError, match="storage root .*file/sub is not writable"):
+        storage.ensure_writable(str(blocker / "sub"))
