@@ -188,13 +188,25 @@ class EvalConfig(Section):
     models: list[dict[str, Any]] = Field(default_factory=list)
     n_samples: int = Field(1000, ge=2)
     batch_size: int = Field(50, ge=1)
+    # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests) or
+    # "package.module:factory" returning an nn.Module / FeatureExtractor.
     feature_extractor: str = "inception"
-    inception_weights: str | None = None
+    inception_weights: str | None = None  # path or URI of inception-2015-12-05.pt; default clean-fid's cache
+    inception_download: bool = True  # try clean-fid's download URL (short timeout) when not cached
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
     truncation: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     name: str = "benchmark"
+    num_actors: int | None = Field(None, ge=1)  # default: one per GPU, else one per cpus_per_actor CPUs
+    cpus_per_actor: float = Field(1.0, gt=0)
+    resize_threads: int | None = Field(None, ge=1)  # PIL resize threads; default: the CPUs available
+    log_mlflow: bool = True  # log a benchmark run and set FID on registered model versions
+
+    @field_validator("name")
+    @classmethod
+    def _safe_benchmark_name(cls, v: str) -> str:
+        return validate_name(v, "benchmark name")
 
 
 class Config(Section):
