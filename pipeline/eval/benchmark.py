@@ -1,0 +1,360 @@
+"""`sketchgan benchmark`: FID and KID of several models against their evaluation sets, on Ray.
+
+Each model generates ``n`` samples in a Ray actor (one GPU each when the cluster has GPUs), batched, and the
+actor turns them into features in memory (clean-fid's clean protocol, no PNG round trip). Reference
+statistics of each evaluation set come from the storage cache or are computed once and published. The
+results table (Parquet, CSV, Markdown) and a bar chart of FID per category go to
+``<root>/benchmarks/<eval.name>/``; the run is logged to MLflow and each registered version gets its FID.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline import layout, storage
+from pipeline.config import Config
+from pipeline.eval.features import FeatureExtractor, build_extractor
+from pipeline.eval.fid import frechet_distance, kernel_distance
+from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_models
+from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
+from pipeline.eval.resize import PROTOCOL
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
+HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",
+           "n": "N", "fid": "FID", "kid": "KID", "seconds": "seconds", "evalset": "evaluation set"}
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def load_source(source: dict[str, Any], device):
+    """The generator (eval mode) for a resolved model source."""
+    from pipeline.models import factory
+
+    if source["kind"] == "run":
+        generator, _ = factory.load_run_generator(source["uri"], device)
+    else:
+        generator = factory.load_generator(source["uri"], source["arch"], device)
+    return generator.eval()
+
+
+def generate_batches(generator, n: int, seed: int, truncation: float, batch_size: int, device,
+                     style_dim: int | None = None):
+    """Yield ``n`` samples as uint8 N x H x W x 3 batches (same seed, same latents on any device)."""
+    import torch
+
+    from pipeline.eval.fid import to_uint8
+
+    style_dim = style_dim or getattr(generator, "style_dim", None) or 512
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the generator's per-layer noise
+    with torch.no_grad():
+        mean = generator.mean_latent(4096) if truncation < 1 else None
+        for start in range(0, n, batch_size):
+            z = torch.randn(min(batch_size, n - start), style_dim, generator=gen).to(device)
+            out = generator([z], truncation=truncation, truncation_latent=mean)
+            images = out[0] if isinstance(out, tuple | list) else out
+            yield to_uint8(images)
+
+
+class SampleWorker:
+    """One Ray actor: builds the extractor once, then featurises evaluation sets and models' samples."""
+
+    def __init__(self, cfg_data: dict[str, Any], threads: int):
+        import torch
+
+        from pipeline.eval.features import default_device
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = Config.model_validate(cfg_data)
+        self.device = default_device()
+        self.extractor = build_extractor(self.cfg.eval, self.device)
+
+    def evalset_features(self, evalset_uri: str) -> np.ndarray:
+        from pipeline.eval.fid import extract_features
+        from pipeline.eval.refstats import load_evalset_images
+
+        return extract_features(load_evalset_images(evalset_uri), self.extractor, self.cfg.eval.batch_size)
+
+    def model_features(self, source: dict[str, Any], n: int) -> tuple[np.ndarray, float]:
+        from pipeline.eval.fid import extract_features
+
+        ev = self.cfg.eval
+        start = time.perf_counter()
+        generator = load_source(source, self.device)
+        arch = source.get("arch") or {}
+        batches = generate_batches(generator, n, ev.seed, ev.truncation, ev.batch_size, self.device,
+                                   arch.get("style_dim"))
+        feats = extract_features(batches, self.extractor, ev.batch_size)
+        return feats, time.perf_counter() - start
+
+
+def _ray_workers(cfg: Config, n_models: int):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (or the job's cluster) when set, else a local instance
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    ev = cfg.eval
+    if gpus:
+        default = gpus
+        options = {"num_gpus": 1, "num_cpus": ev.cpus_per_actor}
+    else:
+        default = max(1, int(cpus // ev.cpus_per_actor))
+        options = {"num_cpus": ev.cpus_per_actor}
+    count = max(1, min(ev.num_actors or default, n_models))
+    threads = max(1, int(ev.cpus_per_actor))
+    remote = ray.remote(SampleWorker)
+    log.info("benchmark: %d sampling actor(s) (%s)", count, ", ".join(f"{k}={v}" for k, v in options.items()))
+    data = cfg.model_dump(mode="json")
+    return [remote.options(**options).remote(data, threads) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def score(feats: np.ndarray, ref: ReferenceStats, cfg: Config) -> tuple[float, float]:
+    """(FID, KID) of generated features against the reference statistics."""
+    from pipeline.eval.fid import feature_statistics
+
+    mu, sigma = feature_statistics(feats)
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    kid = kernel_distance(ref.feats, feats, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.eval.seed)
+    return fid, kid
+
+
+def run_benchmark(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor) -> list[dict[str, Any]]:
+    """Generate, featurise and score every model in Ray; one result row per model."""
+    import ray
+
+    workers = _ray_workers(cfg, len(specs))
+    # Samples first (actors work through their queues while reference statistics are looked up).
+    pending = [workers[i % len(workers)].model_features.remote(s.source, s.n) for i, s in enumerate(specs)]
+    refs: dict[str, ReferenceStats] = {}
+    for i, uri in enumerate(dict.fromkeys(s.evalset for s in specs)):
+        worker = workers[i % len(workers)]
+        compute = lambda u, w=worker: ray.get(w.evalset_features.remote(u))
+        refs[uri] = reference_stats(cfg, uri, extractor, compute_features=compute)
+    rows = []
+    for spec, future in zip(specs, pending):
+        try:
+            feats, seconds = ray.get(future)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise BenchmarkError(f"model {spec.label}: sampling failed: {cause}") from None
+        start = time.perf_counter()
+        fid, kid = score(feats, refs[spec.evalset], cfg)
+        rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
+                     "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid,
+                     "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset})
+        log.info("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
+                 f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if c != "evalset"]
+
+    def fmt(col, value):
+        if col == "fid":
+            return f"{value:.4f}"
+        if col == "kid":
+            return f"{value:.6f}"
+        if col == "seconds":
+            return f"{value:.1f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
+             "|" + "|".join("---:" if c in ("n", "fid", "kid", "seconds") else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_parquet(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("model", pa.string()), ("version", pa.string()), ("category", pa.string()),
+                        ("sketch_set", pa.string()), ("n", pa.int64()), ("fid", pa.float64()),
+                        ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string())])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
+    """A PNG bar chart: one bar per model, grouped and coloured by category."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.patches import Patch
+
+    ordered = sorted(rows, key=lambda r: (r["category"], r["fid"]))
+    categories = list(dict.fromkeys(r["category"] or "-" for r in ordered))
+    palette = matplotlib.colormaps["tab10"]
+    colour = {c: palette(i % 10) for i, c in enumerate(categories)}
+    fig = Figure(figsize=(max(4.0, 0.9 * len(ordered) + 2), 4.0), dpi=100)
+    ax = fig.add_subplot()
+    xs = np.arange(len(ordered))
+    bars = ax.bar(xs, [r["fid"] for r in ordered], color=[colour[r["category"] or "-"] for r in ordered])
+    for bar, r in zip(bars, ordered):
+        ax.annotate(f"{r['fid']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs, [r["model"] + (f" v{r['version']}" if r["version"] else "") for r in ordered],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title)
+    handles = [Patch(color=colour[c], label=c) for c in categories]
+    ax.legend(handles=handles, title="category", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def publish(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """Write results.{parquet,csv,md} and fid.png under the benchmark's folder; returns the files."""
+    out = layout.benchmark_uri(cfg, cfg.eval.name)
+    files = {
+        "results.parquet": to_parquet(rows),
+        "results.csv": to_csv(rows).encode(),
+        "results.md": to_markdown(rows).encode(),
+        "fid.png": fid_chart(rows, f"FID per category: {cfg.eval.name}"),
+    }
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data)
+    log.info("benchmark: results published to %s", out)
+    return files
+
+
+# -------------------------------------------------------------------------------------------------- MLflow
+def tracking_uri(cfg: Config) -> str | None:
+    """The MLflow tracking URI: the registry module's choice when it exists, else config, env, local store."""
+    import os
+
+    try:
+        from pipeline.registry.tracking import tracking_uri as registry_tracking_uri
+    except ImportError:
+        registry_tracking_uri = None
+    if registry_tracking_uri is not None:
+        return registry_tracking_uri(cfg)
+    if cfg.registry.tracking_uri:
+        return cfg.registry.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if storage.is_s3(cfg.storage.root):
+        return None
+    from pathlib import Path
+
+    folder = Path(storage.join(cfg.storage.root, "mlflow")).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _metric_name(row: dict[str, Any]) -> str:
+    text = f"{row['model']}_v{row['version']}" if row["version"] else row["model"]
+    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in text)
+
+
+def log_to_mlflow(cfg: Config, rows: list[dict[str, Any]], files: dict[str, bytes],
+                  extractor: FeatureExtractor) -> str:
+    """Log the benchmark as one MLflow run (params, FID/KID per model, result files); returns its id."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri is None:
+        raise BenchmarkError("MLflow: no tracking URI for an s3:// root (set registry.tracking_uri)")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    name = cfg.registry.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if uri.startswith("sqlite:"):
+            artifacts = Path(storage.join(cfg.storage.root, "mlflow", "artifacts")).absolute().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=f"benchmark-{cfg.eval.name}",
+                            tags={"sketchgan.kind": "benchmark", "sketchgan.benchmark": cfg.eval.name})
+    run_id = run.info.run_id
+    try:
+        params = {"benchmark": cfg.eval.name, "extractor": extractor.name,
+                  "extractor_version": extractor.version, "protocol": PROTOCOL, "models": len(rows),
+                  "seed": cfg.eval.seed, "truncation": cfg.eval.truncation,
+                  "kid_subsets": cfg.eval.kid_subsets, "kid_subset_size": cfg.eval.kid_subset_size}
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        for row in rows:
+            client.log_metric(run_id, f"fid.{_metric_name(row)}", row["fid"])
+            client.log_metric(run_id, f"kid.{_metric_name(row)}", row["kid"])
+        with tempfile.TemporaryDirectory() as tmp:
+            for fname, data in files.items():
+                (Path(tmp) / fname).write_bytes(data)
+            client.log_artifacts(run_id, tmp, artifact_path="benchmark")
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def record_version_fids(cfg: Config, specs: list[ModelSpec], rows: list[dict[str, Any]]) -> None:
+    registered = [(s, r) for s, r in zip(specs, rows) if s.registry_name and s.version]
+    if not registered:
+        return
+    from pipeline.registry import mlflow_registry
+
+    for spec, row in registered:
+        mlflow_registry.set_version_fid(spec.registry_name, spec.version, row["fid"], cfg)
+
+
+# --------------------------------------------------------------------------------------------------- entry
+def benchmark(cfg: Config) -> list[dict[str, Any]]:
+    """Run the configured benchmark end to end; returns the result rows."""
+    specs = resolve_models(cfg)
+    for uri in dict.fromkeys(s.evalset for s in specs):
+        evalset_id(uri)  # a missing or incomplete evaluation set fails before any sampling starts
+    import torch
+
+    # The driver only needs the extractor's identity (cache keys); building it also checks its weights early.
+    extractor = build_extractor(cfg.eval, torch.device("cpu"))
+    rows = run_benchmark(cfg, specs, extractor)
+    bad = [r["model"] for r in rows if not math.isfinite(r["fid"])]
+    if bad:
+        raise BenchmarkError(f"FID is not finite for model(s) {', '.join(bad)}")
+    files = publish(cfg, rows)
+    if cfg.eval.log_mlflow:
+        try:
+            run_id = log_to_mlflow(cfg, rows, files, extractor)
+            record_version_fids(cfg, specs, rows)
+        except BenchmarkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - results are safe in storage; say what failed
+            out = layout.benchmark_uri(cfg, cfg.eval.name)
+            raise BenchmarkError(f"results are in {out}, but logging to MLflow failed: {exc}") from exc
+        log.info("benchmark: logged to MLflow run %s", run_id)
+    return rows
+
+
+def cli_main(cfg: Config, args) -> int:
+    rows = benchmark(cfg)
+    print(to_markdown(rows), end="")
+    print(f"results: {layout.benchmark_uri(cfg, cfg.eval.name)}")
+    return 0

@@ -1,0 +1,191 @@
+"""Which models a benchmark compares: ``eval.models`` entries -> resolved specs with an evaluation set each.
+
+An entry is a mapping: ``model`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, the query
+``champions``, a training run URI or a G checkpoint URI ending in .pth/.pt), plus optional ``evalset``
+(URI), ``category``, ``sketch_set`` and ``n`` (samples). The evaluation set defaults to the one recorded in
+the model's metadata, then to ``train.sketch_sets[].evalset`` for its sketch set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import Config
+
+ENTRY_KEYS = {"model", "evalset", "category", "sketch_set", "n"}
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark that cannot run as configured; the message names the model or entry."""
+
+
+@dataclass
+class ModelSpec:
+    label: str  # the model's name in the results
+    version: str  # registry version, else "" for a run or checkpoint
+    source: dict[str, Any]  # {"kind": "run", "uri"} or {"kind": "checkpoint", "uri", "arch"}
+    evalset: str | None
+    category: str
+    sketch_set: str
+    n: int
+    registry_name: str | None = None  # set when the FID should be recorded on a registered version
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _entries(cfg: Config) -> list[dict[str, Any]]:
+    entries = cfg.eval.models
+    if not entries:
+        raise BenchmarkError("eval.models is empty: list the models to benchmark (see docs of `benchmark`)")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"eval.models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            raise BenchmarkError(f"{where}: expected a mapping with `model:`, not {type(entry).__name__}")
+        unknown = sorted(set(entry) - ENTRY_KEYS)
+        if unknown:
+            known = ", ".join(sorted(ENTRY_KEYS))
+            raise BenchmarkError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {known})")
+        if not isinstance(entry.get("model"), str) or not entry["model"].strip():
+            raise BenchmarkError(f"{where}.model: required (a registry ref, `champions` or a run/G URI)")
+        n = entry.get("n", cfg.eval.n_samples)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise BenchmarkError(f"{where}.n: expected an integer >= 2, got {n!r}")
+        for key in ("evalset", "category", "sketch_set"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise BenchmarkError(f"{where}.{key}: expected a string, got {entry[key]!r}")
+        out.append({**entry, "n": n, "_where": where})
+    return out
+
+
+def _sketch_set_of(meta: dict[str, Any]) -> str | None:
+    for key in ("sketch_set", "sketchset", "sketch_set_name"):
+        value = meta.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return value["name"]
+    return None
+
+
+def _category_of(meta: dict[str, Any]) -> str | None:
+    if isinstance(meta.get("category"), str):
+        return meta["category"]
+    config = meta.get("config")
+    if isinstance(config, dict) and isinstance(config.get("data"), dict):
+        value = config["data"].get("category")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _arch_of(meta: dict[str, Any]) -> dict[str, Any] | None:
+    for key in ("arch", "architecture", "generator_kwargs", "model"):
+        if isinstance(meta.get(key), dict):
+            return meta[key]
+    return None
+
+
+def _evalset_for(entry: dict[str, Any], meta: dict[str, Any], sketch_set: str | None,
+                 cfg: Config) -> str | None:
+    if entry.get("evalset"):
+        return entry["evalset"]
+    for key in ("evalset", "evalset_uri"):
+        value = meta.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("uri"), str):
+            return value["uri"]
+    for spec in cfg.train.sketch_sets:
+        if spec.name == sketch_set and spec.evalset:
+            return spec.evalset
+    return None
+
+
+def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
+    uri = entry["model"].rstrip("/")
+    if uri.endswith(CHECKPOINT_SUFFIXES):
+        if not storage.exists(uri):
+            raise BenchmarkError(f"{entry['_where']}.model {uri}: no such checkpoint")
+        meta_uri = storage.join(uri.rsplit("/", 1)[0], "metadata.json") if "/" in uri else "metadata.json"
+        meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+        arch = _arch_of(meta)
+        if arch is None:
+            from pipeline.models.factory import generator_kwargs
+
+            arch = generator_kwargs(cfg.model)
+        source = {"kind": "checkpoint", "uri": uri, "arch": arch}
+        parts = uri.split("/")
+        label = str(meta.get("run") or meta.get("run_name") or
+                    (parts[-3] if len(parts) >= 3 and parts[-2] == "final" else parts[-1]))
+    else:
+        meta_uri = storage.join(uri, "final", "metadata.json")
+        if not storage.exists(meta_uri):
+            raise BenchmarkError(
+                f"{entry['_where']}.model {uri}: not a finished training run (no final/metadata.json)"
+            )
+        meta = storage.read_json(meta_uri)
+        if not isinstance(meta, dict):
+            raise BenchmarkError(f"{meta_uri}: expected a JSON object")
+        source = {"kind": "run", "uri": uri}
+        label = str(meta.get("run") or meta.get("run_name") or uri.rsplit("/", 1)[-1])
+    return _spec(entry, label, "", source, meta, cfg)
+
+
+def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> ModelSpec:
+    sketch_set = entry.get("sketch_set") or _sketch_set_of(meta)
+    return ModelSpec(
+        label=label,
+        version=version,
+        source=source,
+        evalset=_evalset_for(entry, meta, sketch_set, cfg),
+        category=entry.get("category") or _category_of(meta) or "",
+        sketch_set=sketch_set or "",
+        n=entry["n"],
+        registry_name=registry_name,
+        metadata=meta,
+    )
+
+
+def _from_registry(entry: dict[str, Any], resolved, cfg: Config) -> ModelSpec:
+    meta = dict(resolved.metadata or {})
+    if resolved.g_uri:
+        arch = resolved.arch or _arch_of(meta)
+        if arch is None:
+            raise BenchmarkError(f"{entry['_where']}: registered model {resolved.name} has no architecture")
+        source = {"kind": "checkpoint", "uri": resolved.g_uri, "arch": arch}
+    elif resolved.run_uri:
+        source = {"kind": "run", "uri": resolved.run_uri}
+    else:
+        raise BenchmarkError(f"{entry['_where']}: registered model {resolved.name} has no weights URI")
+    return _spec(entry, resolved.name, str(resolved.version), source, meta, cfg, registry_name=resolved.name)
+
+
+def resolve_models(cfg: Config) -> list[ModelSpec]:
+    """Every configured model resolved, each with an evaluation set; raises naming the ones without."""
+    specs: list[ModelSpec] = []
+    for entry in _entries(cfg):
+        ref = entry["model"].strip()
+        if ref == "champions" or ref.startswith("models:/"):
+            from pipeline.registry import mlflow_registry
+
+            if ref == "champions":
+                resolved = list(mlflow_registry.list_champions(cfg))
+                if not resolved:
+                    raise BenchmarkError(f"{entry['_where']}: `champions` matched no registered model")
+            else:
+                resolved = [mlflow_registry.resolve_model(ref, cfg)]
+            specs.extend(_from_registry(entry, r, cfg) for r in resolved)
+        else:
+            specs.append(_from_uri(entry, cfg))
+    missing = [s for s in specs if not s.evalset]
+    if missing:
+        names = ", ".join(f"{s.label}" + (f" v{s.version}" if s.version else "") for s in missing)
+        raise BenchmarkError(
+            f"no evaluation set for model(s) {names}: give `evalset:` in its eval.models entry, or set "
+            "train.sketch_sets[].evalset for its sketch set"
+        )
+    return specs

@@ -1,0 +1,133 @@
+"""Reference statistics of an evaluation set, cached in storage.
+
+The cache key hashes the evaluation set's content id, the extractor's name and version and the resize
+protocol, so any change to one of them gives a new entry. An entry is one npz (``mu``, ``sigma``, ``feats``
+for KID, and the key's inputs) published atomically with ``storage.write_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import layout, storage
+from pipeline.config import Config
+from pipeline.eval.features import FeatureExtractor
+from pipeline.eval.fid import extract_features, feature_statistics
+from pipeline.eval.resize import PROTOCOL
+
+log = logging.getLogger(__name__)
+
+
+class EvalSetError(ValueError):
+    """An evaluation set that is missing, incomplete or unreadable; the message names its URI."""
+
+
+@dataclass
+class ReferenceStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    feats: np.ndarray
+    key: str
+    uri: str
+    cached: bool  # True when read from the cache rather than computed
+
+
+def evalset_id(evalset_uri: str) -> str:
+    """The evaluation set's content id: its manifest's ``id`` (a content hash), else a hash of the Parquet."""
+    manifest_uri = storage.join(evalset_uri, "manifest.json")
+    images_uri = storage.join(evalset_uri, "images.parquet")
+    if not storage.exists(manifest_uri):
+        if storage.exists(images_uri):
+            raise EvalSetError(f"evaluation set {evalset_uri}: incomplete (no manifest.json)")
+        raise EvalSetError(f"evaluation set {evalset_uri}: not found (no manifest.json or images.parquet)")
+    try:
+        manifest = storage.read_json(manifest_uri)
+    except (ValueError, OSError) as exc:
+        raise EvalSetError(f"evaluation set {evalset_uri}: unreadable manifest.json ({exc})") from None
+    content = manifest.get("id") if isinstance(manifest, dict) else None
+    if isinstance(content, str) and content:
+        return content
+    return "sha256:" + hashlib.sha256(storage.read_bytes(images_uri)).hexdigest()
+
+
+def stats_key(set_id: str, extractor: FeatureExtractor, protocol: str = PROTOCOL) -> str:
+    blob = json.dumps({"evalset": set_id, "extractor": extractor.name, "version": extractor.version,
+                       "protocol": protocol}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+def load_evalset_images(evalset_uri: str) -> np.ndarray:
+    """The evaluation set's images as uint8 N x H x W x 3 (all must share a size)."""
+    images_uri = storage.join(evalset_uri, "images.parquet")
+    fs, path = storage.filesystem(images_uri)
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=["id", "image"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvalSetError(f"evaluation set {evalset_uri}: cannot read images.parquet ({exc})") from None
+    images = []
+    for row_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad record
+            raise EvalSetError(
+                f"evaluation set {evalset_uri}: image {row_id!r} is not a readable image ({exc})"
+            ) from None
+    if len(images) < 2:
+        raise EvalSetError(f"evaluation set {evalset_uri}: needs at least 2 images, has {len(images)}")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise EvalSetError(f"evaluation set {evalset_uri}: images of different sizes {sorted(shapes)}")
+    return np.stack(images)
+
+
+def _read_cached(uri: str, key: str) -> ReferenceStats | None:
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri))) as npz:
+            stats = ReferenceStats(npz["mu"], npz["sigma"], npz["feats"], key, uri, cached=True)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("reference statistics %s are unreadable (%s); computing them again", uri, exc)
+        return None
+    d = stats.mu.shape[0]
+    if stats.sigma.shape != (d, d) or stats.feats.ndim != 2 or stats.feats.shape[1] != d:
+        log.warning("reference statistics %s have inconsistent shapes; computing them again", uri)
+        return None
+    return stats
+
+
+def reference_stats(cfg: Config, evalset_uri: str, extractor: FeatureExtractor,
+                    compute_features=None) -> ReferenceStats:
+    """Cached statistics of an evaluation set for ``extractor``; computed and published on a miss.
+
+    ``compute_features(evalset_uri) -> feats`` replaces the local feature computation (the benchmark runs it
+    in a Ray actor); by default the images are read and featurised here.
+    """
+    set_id = evalset_id(evalset_uri)
+    key = stats_key(set_id, extractor)
+    uri = layout.fid_stats_uri(cfg, key)
+    if storage.exists(uri):
+        stats = _read_cached(uri, key)
+        if stats is not None:
+            log.info("reusing cached reference statistics for %s (%s, %d images) from %s",
+                     evalset_uri, extractor.cache_id, len(stats.feats), uri)
+            return stats
+    log.info("computing reference statistics for %s with %s", evalset_uri, extractor.cache_id)
+    if compute_features is None:
+        feats = extract_features(load_evalset_images(evalset_uri), extractor, cfg.eval.batch_size)
+    else:
+        feats = np.asarray(compute_features(evalset_uri), dtype=np.float32)
+    mu, sigma = feature_statistics(feats)
+    buf = io.BytesIO()
+    np.savez(buf, mu=mu, sigma=sigma, feats=feats, evalset=evalset_uri, evalset_id=set_id,
+             extractor=extractor.name, extractor_version=extractor.version, protocol=PROTOCOL)
+    storage.write_bytes(uri, buf.getvalue())
+    log.info("published reference statistics for %s to %s", evalset_uri, uri)
+    return ReferenceStats(mu, sigma, feats, key, uri, cached=False)

@@ -1,0 +1,151 @@
+"""The benchmark stage: reference statistics cache, model resolution errors, and a run over tiny models."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import layout, storage
+from pipeline.config import Config, with_overrides
+from pipeline.eval.features import RandConvExtractor
+from pipeline.eval.fid import extract_features, feature_statistics
+from pipeline.eval.models import BenchmarkError, resolve_models
+from pipeline.eval.refstats import EvalSetError, evalset_id, reference_stats
+
+torch.set_num_threads(2)
+
+
+def make_evalset(uri: str, n: int = 24, size: int = 32, seed: int = 0, name: str = "es") -> np.ndarray:
+    """An evaluation set in the contract layout (images.parquet + manifest.json); returns its images."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (1, 1, 1, 3))
+    images = (base + rng.normal(0, 40, (n, size, size, 3))).clip(0, 255).astype(np.uint8)
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    table = pa.table({"id": [f"{name}-{i}" for i in range(n)], "image": pngs, "size": [size] * n})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(uri, "images.parquet"), buf.getvalue())
+    storage.write_json(storage.join(uri, "manifest.json"), {
+        "name": name, "id": f"content-{name}-{seed}-{n}", "count": n, "size": size,
+        "sketchset_id": "none", "dataset": "synthetic"})
+    return images
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_reference_stats_cache_miss_then_hit(tmp_path, request, caplog, where):
+    root = str(tmp_path / "root") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/root"
+    cfg = with_overrides(Config(), [f"storage.root={root}", "eval.batch_size=10"])
+    evalset = layout.evalset_uri(cfg, "cats")
+    images = make_evalset(evalset, name="cats")
+    extractor = RandConvExtractor(seed=0, dim=8, device="cpu")
+
+    with caplog.at_level(logging.INFO, logger="pipeline.eval.refstats"):
+        first = reference_stats(cfg, evalset, extractor)
+    assert not first.cached
+    assert "computing reference statistics" in caplog.text and "reusing" not in caplog.text
+    assert storage.exists(layout.fid_stats_uri(cfg, first.key))
+    mu, sigma = feature_statistics(extract_features(images, extractor))
+    np.testing.assert_allclose(first.mu, mu, rtol=1e-6)
+    np.testing.assert_allclose(first.sigma, sigma, rtol=1e-5, atol=1e-8)
+
+    caplog.clear()
+    calls = []
+    with caplog.at_level(logging.INFO, logger="pipeline.eval.refstats"):
+        second = reference_stats(cfg, evalset, extractor, compute_features=lambda u: calls.append(u))
+    assert second.cached and not calls  # nothing recomputed
+    assert "reusing cached reference statistics" in caplog.text
+    assert second.key == first.key
+    np.testing.assert_array_equal(second.sigma, first.sigma)
+    np.testing.assert_array_equal(second.feats, first.feats)
+
+    # another extractor (or version) is another cache entry
+    other = reference_stats(cfg, evalset, RandConvExtractor(seed=1, dim=8, device="cpu"))
+    assert not other.cached and other.key != first.key
+    # so is another evaluation-set content id
+    make_evalset(evalset, name="cats", seed=7)
+    assert not reference_stats(cfg, evalset, extractor).cached
+
+
+def test_corrupt_cache_entry_is_recomputed(tmp_path, caplog):
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}"])
+    evalset = layout.evalset_uri(cfg, "e")
+    make_evalset(evalset, n=6, size=16)
+    extractor = RandConvExtractor(seed=0, dim=4, device="cpu")
+    first = reference_stats(cfg, evalset, extractor)
+    storage.write_bytes(first.uri, b"garbage")
+    with caplog.at_level(logging.WARNING):
+        again = reference_stats(cfg, evalset, extractor)
+    assert not again.cached and "unreadable" in caplog.text
+    np.testing.assert_allclose(again.mu, first.mu, rtol=1e-6)
+
+
+def test_evalset_errors_name_the_set(tmp_path):
+    with pytest.raises(EvalSetError, match="not found"):
+        evalset_id(str(tmp_path / "missing"))
+    make_evalset(str(tmp_path / "half"), n=4, size=8)
+    storage.delete(str(tmp_path / "half" / "manifest.json"))
+    with pytest.raises(EvalSetError, match=r"half: incomplete \(no manifest.json\)"):
+        evalset_id(str(tmp_path / "half"))
+
+
+def _finished_run(uri: str, meta: dict) -> None:
+    storage.write_bytes(storage.join(uri, "final", "G.pth"), b"unused here")
+    storage.write_json(storage.join(uri, "final", "metadata.json"), meta)
+
+
+def test_model_without_evalset_is_an_error_naming_it(tmp_path):
+    root = str(tmp_path)
+    cfg = with_overrides(Config(), [f"storage.root={root}"])
+    with_set = layout.run_uri(cfg, "horse-riders")
+    without = layout.run_uri(cfg, "cat-lonely")
+    _finished_run(with_set, {"run": "horse-riders", "sketch_set": {"name": "riders", "id": "x"}})
+    _finished_run(without, {"run": "cat-lonely", "sketch_set": {"name": "lonely", "id": "y"}})
+    cfg = with_overrides(cfg, [
+        "train.sketch_sets=[{name: riders, evalset: /some/evalset}]",
+        f"eval.models=[{{model: {with_set}}}, {{model: {without}}}]",
+    ])
+    with pytest.raises(BenchmarkError, match="no evaluation set for model\\(s\\) cat-lonely:"):
+        resolve_models(cfg)
+    # giving it one in the entry resolves both; the other comes from its sketch set's config
+    entries = f"[{{model: {with_set}}}, {{model: {without}, evalset: /e2, n: 8}}]"
+    cfg = with_overrides(cfg, [f"eval.models={entries}"])
+    specs = resolve_models(cfg)
+    assert [(s.label, s.evalset, s.sketch_set, s.n) for s in specs] == [
+        ("horse-riders", "/some/evalset", "riders", cfg.eval.n_samples), ("cat-lonely", "/e2", "lonely", 8)]
+
+
+def test_bad_entries_are_errors_naming_the_entry(tmp_path):
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}"])
+    with pytest.raises(BenchmarkError, match="eval.models is empty"):
+        resolve_models(cfg)
+    bad = with_overrides(cfg, ["eval.models=[{model: x, evalset: e, colour: red}]"])
+    with pytest.raises(BenchmarkError, match=r"eval.models\[0\]: unknown key\(s\) colour"):
+        resolve_models(bad)
+    bad = with_overrides(cfg, ["eval.models=[{model: x, n: 1}]"])
+    with pytest.raises(BenchmarkError, match=r"eval.models\[0\].n"):
+        resolve_models(bad)
+    unfinished = with_overrides(cfg, [f"eval.models=[{{model: {tmp_path}/runs/nope, evalset: e}}]"])
+    with pytest.raises(BenchmarkError, match="not a finished training run"):
+        resolve_models(unfinished)
+
+
+def test_markdown_and_csv_tables():
+    from pipeline.eval.benchmark import to_csv, to_markdown
+
+    rows = [{"model": "m|1", "version": "3", "category": "cat", "sketch_set": "s", "n": 10, "fid": 12.345678,
+             "kid": 0.0123456, "seconds": 4.56, "evalset": "/e"}]
+    md = to_markdown(rows).splitlines()
+    assert md[0] == "| model | version | category | sketch set | N | FID | KID | seconds |"
+    assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 0.012346 | 4.6 |"
+    assert to_csv(rows).splitlines()[0] == "model,version,category,sketch_set,n,fid,kid,seconds,evalset"
