@@ -140,6 +140,63 @@ def test_bad_entries_are_errors_naming_the_entry(tmp_path):
         resolve_models(unfinished)
 
 
+class _FakeRegistry:
+    """Stands in for pipeline.registry.mlflow_registry's resolve/list/set API (driver side only)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        def model(name, version, category, sketch_set, evalset=None):
+            meta = {"category": category, "sketch_set": {"name": sketch_set, "id": "i"}}
+            if evalset:
+                meta["evalset"] = evalset
+            return SimpleNamespace(name=name, version=version, run_uri=f"/runs/{name}",
+                                   g_uri=f"/runs/{name}/final/G.pth", arch={"size": 32}, metadata=meta)
+
+        self.models = {
+            "sketchgan-cat-a": model("sketchgan-cat-a", 3, "cat", "a", "/evalsets/a"),
+            "sketchgan-horse-b": model("sketchgan-horse-b", 1, "horse", "b"),
+        }
+        self.fids = []
+
+    def resolve_model(self, ref, cfg):
+        name = ref.removeprefix("models:/").split("@")[0].split("/")[0]
+        if name not in self.models:
+            raise LookupError(f"no registered model {name}")
+        return self.models[name]
+
+    def list_champions(self, cfg):
+        return list(self.models.values())
+
+    def set_version_fid(self, name, version, fid, cfg):
+        self.fids.append((name, version, fid))
+
+
+def test_registry_refs_and_champions_resolve(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.eval.benchmark import record_version_fids
+
+    fake = _FakeRegistry()
+    monkeypatch.setitem(sys.modules, "pipeline.registry.mlflow_registry", fake)
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}",
+                                    "eval.models=[{model: 'models:/sketchgan-cat-a@champion'}]"])
+    [spec] = resolve_models(cfg)
+    assert (spec.label, spec.version, spec.category, spec.sketch_set, spec.evalset) == (
+        "sketchgan-cat-a", "3", "cat", "a", "/evalsets/a")
+    assert spec.source == {"kind": "checkpoint", "uri": "/runs/sketchgan-cat-a/final/G.pth",
+                           "arch": {"size": 32}}
+    # `champions` expands to every model; the horse champion has no evaluation set anywhere -> named
+    cfg = with_overrides(cfg, ["eval.models=[{model: champions}]"])
+    with pytest.raises(BenchmarkError, match="no evaluation set for model\\(s\\) sketchgan-horse-b v1"):
+        resolve_models(cfg)
+    cfg = with_overrides(cfg, ["train.sketch_sets=[{name: b, evalset: /evalsets/b}]"])
+    specs = resolve_models(cfg)
+    assert [s.evalset for s in specs] == ["/evalsets/a", "/evalsets/b"]
+    record_version_fids(cfg, specs, [{"fid": 1.5}, {"fid": 2.5}])
+    assert fake.fids == [("sketchgan-cat-a", "3", 1.5), ("sketchgan-horse-b", "1", 2.5)]
+
+
 def test_markdown_and_csv_tables():
     from pipeline.eval.benchmark import to_csv, to_markdown
 
@@ -149,3 +206,4 @@ def test_markdown_and_csv_tables():
     assert md[0] == "| model | version | category | sketch set | N | FID | KID | seconds |"
     assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 0.012346 | 4.6 |"
     assert to_csv(rows).splitlines()[0] == "model,version,category,sketch_set,n,fid,kid,seconds,evalset"
+
