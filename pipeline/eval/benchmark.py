@@ -76,6 +76,8 @@ class SampleWorker:
         self.cfg = Config.model_validate(cfg_data)
         self.device = default_device()
         self.extractor = build_extractor(self.cfg.eval, self.device)
+        # Ray does not pin actors to cores: resize on as many threads as the actor reserved CPUs.
+        self.extractor.resize_threads = self.cfg.eval.resize_threads or max(1, threads)
 
     def evalset_features(self, evalset_uri: str) -> np.ndarray:
         from pipeline.eval.fid import extract_features
