@@ -136,6 +136,17 @@ def run_benchmark(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtract
     import ray
 
     workers = _ray_workers(cfg, len(specs))
+    try:
+        return _score_all(cfg, specs, extractor, workers)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+
+def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
+               workers) -> list[dict[str, Any]]:
+    import ray
+
     # Samples first (actors work through their queues while reference statistics are looked up).
     pending = [workers[i % len(workers)].model_features.remote(s.source, s.n) for i, s in enumerate(specs)]
     refs: dict[str, ReferenceStats] = {}
