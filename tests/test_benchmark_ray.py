@@ -1,0 +1,106 @@
+"""The benchmark end to end in Ray: tiny generators in finished runs, two categories, MLflow, cache reuse."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from test_benchmark import make_evalset
+
+from pipeline import layout, storage
+from pipeline.config import Config, with_overrides
+from pipeline.eval.fid import extract_features
+
+torch.set_num_threads(2)
+
+
+def _tiny_run(cfg: Config, name: str, category: str, evalset: str, seed: int) -> str:
+    """A finished training run in the contract layout holding a tiny random generator."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import factory
+
+    arch = factory.generator_kwargs(ModelConfig(size=32, style_dim=16, n_mlp=1, channel_multiplier=1,
+                                                channel_max=8))
+    torch.manual_seed(seed)
+    generator = factory.build_generator(arch)
+    buf = io.BytesIO()
+    torch.save(generator.state_dict(), buf)
+    uri = layout.run_uri(cfg, name)
+    storage.write_bytes(storage.join(uri, "final", "G.pth"), buf.getvalue())
+    storage.write_json(storage.join(uri, "final", "metadata.json"), {
+        "run": name, "kind": "train", "arch": arch, "category": category, "evalset": evalset,
+        "sketch_set": {"name": f"{category}-sketches", "id": "sketch-id"}, "iterations": 1,
+        "finished_at": "2026-01-01T00:00:00Z"})
+    return uri
+
+
+def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
+    import yaml
+
+    from pipeline import cli
+    from pipeline.eval.benchmark import benchmark, generate_batches, load_source
+    from pipeline.eval.features import build_extractor
+    from pipeline.eval.fid import fid_from_features
+    from pipeline.eval.refstats import load_evalset_images
+
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}", "eval.feature_extractor=randconv:0:6",
+                                    "eval.batch_size=8", "eval.kid_subsets=3", "eval.kid_subset_size=12",
+                                    "eval.name=tiny", "eval.cpus_per_actor=1"])
+    cats = layout.evalset_uri(cfg, "cats")
+    horses = layout.evalset_uri(cfg, "horses")
+    make_evalset(cats, n=16, seed=1, name="cats")
+    make_evalset(horses, n=16, seed=2, name="horses")
+    run_a = _tiny_run(cfg, "cat-a", "cat", cats, seed=0)
+    run_b = _tiny_run(cfg, "horse-b", "horse", horses, seed=1)
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: {run_a}, n: 12}}, {{model: {run_b}, n: 10}}]"])
+
+    with caplog.at_level(logging.INFO, logger="pipeline.eval"):
+        rows = benchmark(cfg)
+    assert caplog.text.count("computing reference statistics") == 2 and "reusing" not in caplog.text
+
+    out = layout.benchmark_uri(cfg, "tiny")
+    table = pq.read_table(storage.join(out, "results.parquet")).to_pylist()
+    assert [(r["model"], r["category"], r["sketch_set"], r["n"]) for r in table] == [
+        ("cat-a", "cat", "cat-sketches", 12), ("horse-b", "horse", "horse-sketches", 10)]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["seconds"] > 0 for r in table)
+    assert storage.read_text(storage.join(out, "results.csv")).startswith("model,version,category")
+    assert "| cat-a |" in storage.read_text(storage.join(out, "results.md"))
+    with Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "fid.png")))) as chart:
+        assert chart.format == "PNG" and chart.width > 100
+
+    # The actor's FID equals one computed here from the same seeded samples, features and evaluation set.
+    extractor = build_extractor(cfg.eval, torch.device("cpu"))
+    generator = load_source({"kind": "run", "uri": run_a}, torch.device("cpu"))
+    fake = extract_features(generate_batches(generator, 12, cfg.eval.seed, 1.0, 8, torch.device("cpu")),
+                            extractor)
+    real = extract_features(load_evalset_images(cats), extractor)
+    assert rows[0]["fid"] == pytest.approx(fid_from_features(fake, real), rel=1e-6)
+
+    # Logged to MLflow as a benchmark run with one FID per model.
+    import mlflow
+
+    from pipeline.eval.benchmark import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+                              "tags.`sketchgan.kind` = 'benchmark'")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["fid.cat-a"] == pytest.approx(rows[0]["fid"])
+    assert runs[0].data.metrics["fid.horse-b"] == pytest.approx(rows[1]["fid"])
+
+    # Second run through the CLI: the reference statistics are reused, and the scores are the same.
+    config_file = tmp_path / "bench.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.eval"):
+        assert cli.main(["benchmark", "--config", str(config_file)]) == 0
+    assert caplog.text.count("reusing cached reference statistics") == 2
+    assert "computing reference statistics" not in caplog.text
+    again = pq.read_table(storage.join(out, "results.parquet")).to_pylist()
+    assert [r["fid"] for r in again] == pytest.approx([r["fid"] for r in table], rel=1e-9)
+    assert "| horse-b |" in capsys.readouterr().out
