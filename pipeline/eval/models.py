@@ -38,7 +38,9 @@ class ModelSpec:
 def _entries(cfg: Config) -> list[dict[str, Any]]:
     entries = cfg.eval.models
     if not entries:
-        raise BenchmarkError("eval.models is empty: list the models to benchmark (see docs of `benchmark`)")
+        raise BenchmarkError(
+            "eval.models is empty: list the models to benchmark, e.g. [{model: RUN_URI, evalset: URI}]"
+        )
     out = []
     for i, entry in enumerate(entries):
         where = f"eval.models[{i}]"
