@@ -125,6 +125,24 @@ def test_model_without_evalset_is_an_error_naming_it(tmp_path):
         ("horse-riders", "/some/evalset", "riders", cfg.eval.n_samples), ("cat-lonely", "/e2", "lonely", 8)]
 
 
+def test_checkpoint_uri_takes_arch_from_its_metadata_or_the_model_config(tmp_path):
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}", "model.size=64", "model.channel_max=16"])
+    run = layout.run_uri(cfg, "cat-x")
+    _finished_run(run, {"run": "cat-x", "arch": {"size": 32, "style_dim": 8}, "category": "cat"})
+    g_uri = storage.join(run, "final", "G.pth")
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: {g_uri}, evalset: /e}}]"])
+    [spec] = resolve_models(cfg)
+    assert (spec.label, spec.category) == ("cat-x", "cat")
+    assert spec.source == {"kind": "checkpoint", "uri": g_uri, "arch": {"size": 32, "style_dim": 8}}
+    # a bare checkpoint (no metadata beside it) is built with the configured architecture
+    bare = str(tmp_path / "weights" / "netG.pth")
+    storage.write_bytes(bare, b"x")
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: {bare}, evalset: /e}}]"])
+    [spec] = resolve_models(cfg)
+    assert spec.label == "netG.pth"
+    assert spec.source["arch"]["size"] == 64 and spec.source["arch"]["channel_max"] == 16
+
+
 def test_bad_entries_are_errors_naming_the_entry(tmp_path):
     cfg = with_overrides(Config(), [f"storage.root={tmp_path}"])
     with pytest.raises(BenchmarkError, match="eval.models is empty"):
