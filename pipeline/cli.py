@@ -111,6 +111,8 @@ COMMANDS: list[Command] = [
             _flag("--interpolate", action="store_true", help="latent interpolation between two seeds"),
         ],
     ),
+    Command("pipeline", "run the whole chain from one config (what jobs/pipeline.py submits)",
+            "pipeline.chain:cli_main"),
     Command("demo", "run the whole pipeline on generated data on this machine",
             "pipeline.demo:cli_main"),
 ]

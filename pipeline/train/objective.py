@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,12 @@ def g_loss(fake_pred: torch.Tensor, kind: str = "softplus") -> torch.Tensor:
 
 
 def r1_penalty(real_pred: torch.Tensor, real_input: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ‖∇_x D(x)‖² (``real_input`` must require grad)."""
-    (grad,) = torch.autograd.grad(real_pred.float().sum(), real_input, create_graph=True)
+    """Mean over the batch of ‖∇_x D(x)‖² (``real_input`` must be a leaf that requires grad)."""
+    # backward(inputs=...) rather than autograd.grad: same graph, and FLOP counters can follow it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        real_pred.float().sum().backward(inputs=[real_input], create_graph=True)
+    grad, real_input.grad = real_input.grad, None  # drop the reference cycle backward() creates
     return grad.float().square().reshape(grad.shape[0], -1).sum(1).mean()
 
 
