@@ -52,7 +52,7 @@ def translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Generato
     ix = torch.clamp(gx + ty + 1, 0, w + 1).expand(b, h, w)
     padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # b, h+2, w+2, c
     bi = torch.arange(b, device=x.device).view(b, 1, 1).expand(b, h, w)
-    return padded[bi, iy, ix].permute(0, 3, 1, 2).contiguous()
+    return padded[bi, iy, ix].permute(0, 3, 1, 2)  # NHWC in memory, what the convolutions prefer
 
 
 def cutout(x: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
