@@ -44,10 +44,14 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
         x = x.reshape(b, c, h * up, w * up)
     p0, p1 = pad
-    x = F.pad(x, (p0, p1, p0, p1))
+    padding = 0
+    if p0 == p1 >= 0:
+        padding = p0  # the convolution pads for free; F.pad would copy the whole tensor
+    else:
+        x = F.pad(x, (p0, p1, p0, p1))
     kh, kw = kernel.shape
     weight = torch.flip(kernel, [0, 1]).to(x.dtype).view(1, 1, kh, kw).expand(c, 1, kh, kw)
-    return F.conv2d(x, weight, stride=down, groups=c)
+    return F.conv2d(x, weight, stride=down, padding=padding, groups=c)
 
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None, negative_slope: float = 0.2,
@@ -131,6 +135,14 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, bias=bias)
 
 
+def demodulation(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1/‖w·s‖ per (sample, output channel), without forming per-sample weights; at least float32, also
+    under autocast (a bf16 sum over in·k·k terms would cost the coefficients their precision)."""
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    with torch.autocast(s.device.type, enabled=False):
+        return torch.rsqrt(s.to(dtype).square() @ weight.to(dtype).square().sum((2, 3)).t() + 1e-8)
+
+
 class ModulatedConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
                  demodulate: bool = True, upsample: bool = False, blur_kernel: Sequence[float] = (1, 3, 3, 1)):
@@ -155,8 +167,7 @@ class ModulatedConv2d(nn.Module):
         else:
             x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         if self.demodulate:
-            # sum over (in, k, k) of (w * s)^2 without forming per-sample weights
-            dcoefs = torch.rsqrt(s.float().square() @ weight.float().square().sum((2, 3)).t() + 1e-8)
+            dcoefs = demodulation(s, weight)
             x = x * dcoefs.view(dcoefs.shape[0], -1, 1, 1).to(x.dtype)
         if self.upsample:
             x = self.blur(x)
@@ -278,7 +289,16 @@ class Generator(nn.Module):
                     (subset == "w_shift" and name.endswith("w_shift")):
                 yield name, p
 
+    def trainable_parameters(self, subset: str) -> list[nn.Parameter]:
+        """The parameters of a trained subset (see :meth:`named_trainable`)."""
+        return [p for _, p in self.named_trainable(subset)]
+
+    def mapping_parameters(self) -> list[nn.Parameter]:
+        """The mapping network's parameters (``style.*``, including ``w_shift`` when present)."""
+        return self.trainable_parameters("mapping")
+
     def get_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """w for a batch of z: the mapping network (then ``w_shift``, when the generator has one)."""
         return self.style(z)
 
     @torch.no_grad()
