@@ -20,6 +20,15 @@ from pipeline.train.objective import (
 SIZE = 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny networks gain nothing from a second thread, and the suite shares the machine
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def tiny(seed=0, w_shift=False):
     torch.manual_seed(seed)
     G = Generator(SIZE, style_dim=32, n_mlp=2, channel_max=16, w_shift=w_shift)
@@ -63,6 +72,9 @@ def test_loss_kinds():
     assert g_loss(fake, "hinge").item() == pytest.approx(0.25)
     assert d_loss(real, fake, "softplus").item() == pytest.approx(
         (torch.nn.functional.softplus(-real).mean() + torch.nn.functional.softplus(fake).mean()).item())
+    # least squares as GANSketching's "ls": MSE to the labels 1 (real) and 0 (fake)
+    assert d_loss(real, fake, "lsgan").item() == pytest.approx((1 + 4) / 2 + (1 + 0.25) / 2)
+    assert g_loss(fake, "lsgan").item() == pytest.approx((4 + 0.25) / 2)
     with pytest.raises(ValueError, match="'wasserstein'"):
         d_loss(real, fake, "wasserstein")
 
@@ -161,6 +173,35 @@ def test_bf16_autocast_runs_on_cpu():
     logs = step.step(0, real, sk)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert {"loss_d_sketch", "loss_d_image", "loss_g_sketch", "r1_sketch", "r1_image"} <= set(logs)
+
+
+def test_channels_last_computes_the_same_step():
+    # lr 0 keeps the weights fixed, so every phase sees the same networks; with beta1 = 0 Adam's first moment
+    # is the last gradient (R1's for D, the G step's for G) and the second moment mixes in the others
+    real, sk = batch()
+    a, b = make_step(seed=2, channels_last=True, lr=0.0), make_step(seed=2, channels_last=False, lr=0.0)
+    assert a.D_image.convs[1].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not b.D_image.convs[1].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    la, lb = a.step(0, real, sk), b.step(0, real, sk)  # iteration 0 includes R1
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), k
+    for opt_a, opt_b in ((a.opt_d, b.opt_d), (a.opt_g, b.opt_g)):
+        for pa, pb in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+            for key in ("exp_avg", "exp_avg_sq"):
+                x, y = opt_a.state[pa][key], opt_b.state[pb][key]
+                assert torch.allclose(x, y, rtol=1e-3, atol=1e-5 * float(y.abs().max())), key
+
+
+def test_lazy_regularisation_adjusts_only_the_discriminator_optimiser():
+    step = make_step()  # r1_every 4
+    ratio = 4 / 5
+    assert step.opt_g.param_groups[0]["lr"] == pytest.approx(0.002)
+    assert step.opt_d.param_groups[0]["lr"] == pytest.approx(0.002 * ratio)
+    assert step.opt_d.param_groups[0]["betas"] == pytest.approx((0.0, 0.99**ratio))
+    no_r1 = make_step(r1_gamma=0.0)
+    assert no_r1.opt_d.param_groups[0]["lr"] == pytest.approx(0.002)
+    assert "r1_sketch" not in no_r1.step(0, *batch())
 
 
 def test_lambda_image_zero_drops_the_image_discriminator():
