@@ -82,11 +82,9 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert rows[0]["fid"] == pytest.approx(fid_from_features(fake, real), rel=1e-6)
 
     # Logged to MLflow as a benchmark run with one FID per model.
-    import mlflow
+    from pipeline.registry import tracking
 
-    from pipeline.eval.benchmark import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri(cfg))
+    client = tracking.client(cfg)
     runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
                               "tags.`sketchgan.kind` = 'benchmark'")
     assert len(runs) == 1

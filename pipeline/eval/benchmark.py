@@ -255,29 +255,6 @@ def publish(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, bytes]:
 
 
 # -------------------------------------------------------------------------------------------------- MLflow
-def tracking_uri(cfg: Config) -> str | None:
-    """The MLflow tracking URI: the registry module's choice when it exists, else config, env, local store."""
-    import os
-
-    try:
-        from pipeline.registry.tracking import tracking_uri as registry_tracking_uri
-    except ImportError:
-        registry_tracking_uri = None
-    if registry_tracking_uri is not None:
-        return registry_tracking_uri(cfg)
-    if cfg.registry.tracking_uri:
-        return cfg.registry.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if storage.is_s3(cfg.storage.root):
-        return None
-    from pathlib import Path
-
-    folder = Path(storage.join(cfg.storage.root, "mlflow")).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 def _metric_name(row: dict[str, Any]) -> str:
     text = f"{row['model']}_v{row['version']}" if row["version"] else row["model"]
     return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in text)
@@ -289,21 +266,10 @@ def log_to_mlflow(cfg: Config, rows: list[dict[str, Any]], files: dict[str, byte
     import tempfile
     from pathlib import Path
 
-    import mlflow
+    from pipeline.registry import tracking
 
-    uri = tracking_uri(cfg)
-    if uri is None:
-        raise BenchmarkError("MLflow: no tracking URI for an s3:// root (set registry.tracking_uri)")
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    name = cfg.registry.experiment
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        artifacts = None
-        if uri.startswith("sqlite:"):
-            artifacts = Path(storage.join(cfg.storage.root, "mlflow", "artifacts")).absolute().as_uri()
-        experiment_id = client.create_experiment(name, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    client = tracking.client(cfg)  # registry.tracking_uri, else MLFLOW_TRACKING_URI, else the local store
+    experiment_id = tracking.ensure_experiment(client, cfg)
     run = client.create_run(experiment_id, run_name=f"benchmark-{cfg.eval.name}",
                             tags={"sketchgan.kind": "benchmark", "sketchgan.benchmark": cfg.eval.name})
     run_id = run.info.run_id
