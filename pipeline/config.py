@@ -100,6 +100,7 @@ class PretrainConfig(Section):
     ema_half_life_kimg: float = Field(10.0, ge=0)
     mixing: float = Field(0.9, ge=0, le=1)
     augment: str = ""
+    precision: Literal["fp32", "bf16"] = "fp32"
     run_name: str = "base"
     seed: int = 0
 
