@@ -1,0 +1,325 @@
+"""The MLflow model registry of customised GANs: one registered model per (category, sketch set).
+
+`register_run` turns a finished GANSketching run (read from storage) into a new version of
+``<prefix>-<category>-<sketch set>``, logged as a self-contained pyfunc (see `pyfunc_model`) with lineage tags.
+Registering the same run again returns the existing version. The alias ``champion`` (``registry.champion_alias``)
+points at the version with the lowest FID and moves only when another version is strictly better; while no
+version has an FID it follows the latest version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.names import validate_name
+from pipeline.registry import tracking
+
+log = logging.getLogger("sketchgan.registry")
+
+TAG_FID = "fid"
+TAG_G_URI = "sketchgan.g_uri"
+TAG_ARCH = "sketchgan.arch"
+TAG_CONFIG = "sketchgan.config"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass
+class ResolvedModel:
+    """A model reference resolved to weights: registry version, run or checkpoint."""
+
+    name: str
+    version: str  # registry version ("" for a run or checkpoint)
+    run_uri: str | None
+    g_uri: str | None
+    arch: dict[str, Any] | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    fid: float | None = None
+
+
+def model_name(cfg: Config, category: str, sketch_set: str) -> str:
+    """``<prefix>-<category>-<sketch set>``, e.g. ``sketchgan-horse-horse_riders``."""
+    return validate_name(f"{cfg.registry.model_prefix}-{category}-{sketch_set}", "registered model name")
+
+
+def _fid_of(version) -> float | None:
+    raw = (version.tags or {}).get(TAG_FID)
+    try:
+        value = float(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _versions(mlf, name: str) -> list:
+    return sorted(mlf.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def _alias_version(mlf, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlf.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def update_champion(mlf, name: str, alias: str) -> str | None:
+    """Point ``alias`` at the best version by FID (moving only for a strictly lower FID), or at the latest
+    version while none has an FID. Returns the champion's version."""
+    versions = _versions(mlf, name)
+    if not versions:
+        return None
+    current = _alias_version(mlf, name, alias)
+    measured = [v for v in versions if _fid_of(v) is not None]
+    if measured:
+        best = min(measured, key=lambda v: (_fid_of(v), int(v.version)))
+        cur_fid = _fid_of(current) if current is not None else None
+        target = current if cur_fid is not None and cur_fid <= _fid_of(best) else best
+    else:
+        target = versions[-1]
+    if current is None or current.version != target.version:
+        mlf.set_registered_model_alias(name, alias, target.version)
+        log.info("%s: alias %s -> version %s", name, alias, target.version)
+    return str(target.version)
+
+
+def _package_code(dest: Path) -> Path:
+    """A copy of the `pipeline` package's sources (the pyfunc then loads without the project installed)."""
+    src = Path(__file__).resolve().parents[1]
+    out = dest / "pipeline"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return out
+
+
+def _pip_requirements() -> list[str]:
+    import importlib.metadata as md
+
+    reqs = []
+    for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={md.version(dist).split('+')[0]}")
+        except md.PackageNotFoundError:
+            pass
+    return reqs
+
+
+def _lineage_tags(meta: dict, run_uri: str, g_uri: str) -> dict[str, str]:
+    run = {"metadata": meta, "info": {}, "metrics": []}
+    tags = tracking.run_tags(run, run_uri)
+    tags[TAG_G_URI] = tracking.scrub_text(g_uri)
+    tags[TAG_ARCH] = json.dumps(meta.get("arch"), sort_keys=True)
+    config = json.dumps(tracking.scrub(meta.get("config") or {}), sort_keys=True, separators=(",", ":"))
+    if len(config) <= tracking.TAG_MAX:
+        tags[TAG_CONFIG] = config
+    fid = meta.get("fid")
+    if isinstance(fid, int | float) and math.isfinite(fid):
+        tags[TAG_FID] = repr(float(fid))
+    return tags
+
+
+def _find_version(mlf, name: str, run_uri: str, g_sha: str | None):
+    for v in _versions(mlf, name):
+        t = v.tags or {}
+        if t.get(tracking.TAG_RUN_URI) == run_uri and t.get("sketchgan.g_sha256", "") == (g_sha or ""):
+            return v
+    return None
+
+
+def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> str:
+    """Log the pyfunc into the MLflow run; returns its model URI."""
+    import mlflow
+
+    from pipeline.registry.pyfunc_model import SketchGANModel, input_example, signature
+
+    with tempfile.TemporaryDirectory(prefix="sketchgan-model-") as tmp:
+        d = Path(tmp)
+        g_path = storage.download_file(storage.join(run_uri, "final", "G.pth"), d / "G.pth")
+        meta_path = d / "metadata.json"
+        meta_path.write_text(json.dumps(tracking.scrub(meta), indent=2, sort_keys=True, default=str))
+        code = _package_code(d / "code")
+        with tracking.activated(cfg), mlflow.start_run(run_id=mlflow_run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT, python_model=SketchGANModel(),
+                artifacts={"generator": str(g_path), "metadata": str(meta_path)},
+                code_paths=[str(code)], signature=signature(int(meta["arch"]["size"])),
+                input_example=input_example(), pip_requirements=_pip_requirements())
+    return info.model_uri
+
+
+def _finished_metadata(run_uri: str) -> dict:
+    meta_uri = storage.join(run_uri, "final", "metadata.json")
+    if not storage.exists(meta_uri):
+        raise FileNotFoundError(f"run {run_uri} has not finished ({meta_uri} does not exist): nothing to register")
+    meta = storage.read_json(meta_uri)
+    if not isinstance(meta.get("arch"), dict):
+        raise ValueError(f"{meta_uri}: no generator architecture ('arch') recorded")
+    return meta
+
+
+def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
+    """Register a finished customisation run as a new model version (or return its existing version)."""
+    meta = _finished_metadata(run_uri)
+    sketch = (meta.get("sketch_set") or {}).get("name")
+    category = meta.get("category") or ((meta.get("config") or {}).get("data") or {}).get("category")
+    if meta.get("kind") != "train" or not sketch or not category:
+        raise ValueError(f"run {run_uri} is not a customisation run (kind {meta.get('kind')!r}, sketch set "
+                         f"{sketch!r}, category {category!r}): only GANSketching runs are registered")
+    name = model_name(cfg, category, sketch)
+    mlf = tracking.client(cfg)
+    _ensure_registered_model(mlf, name, category, sketch)
+    alias = cfg.registry.champion_alias
+    existing = _find_version(mlf, name, run_uri, meta.get("g_sha256"))
+    if existing is not None:
+        log.info("%s already registered as %s version %s", run_uri, name, existing.version)
+        update_champion(mlf, name, alias)
+        return name, str(existing.version)
+
+    mlflow_run_id = tracking.log_run(cfg, run_uri)
+    run = mlf.get_run(mlflow_run_id)
+    model_uri = run.data.tags.get("sketchgan.model_uri")
+    if not model_uri:
+        model_uri = _log_pyfunc(cfg, mlflow_run_id, run_uri, meta)
+        mlf.set_tag(mlflow_run_id, "sketchgan.model_uri", model_uri)
+    g_uri = storage.join(run_uri, "final", "G.pth")
+    # The registry resolves the logged model's URI through the global tracking URI: point it at ours.
+    with tracking.activated(cfg):
+        version = mlf.create_model_version(name, source=model_uri, run_id=mlflow_run_id,
+                                           tags=_lineage_tags(meta, run_uri, g_uri),
+                                           description=f"{meta.get('run_name')} ({run_uri})")
+    log.info("registered %s as %s version %s", run_uri, name, version.version)
+    update_champion(mlf, name, alias)
+    return name, str(version.version)
+
+
+def _ensure_registered_model(mlf, name: str, category: str, sketch: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlf.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        mlf.create_registered_model(name, tags={"sketchgan.category": category, "sketchgan.sketch_set": sketch},
+                                    description=f"StyleGAN2 customised to the {sketch!r} sketches ({category})")
+    except MlflowException:  # created concurrently
+        mlf.get_registered_model(name)
+
+
+def set_version_fid(name: str, version: str | int, fid: float, cfg: Config) -> str | None:
+    """Record a version's FID and move the champion alias if that version is now the best; returns the champion."""
+    fid = float(fid)
+    if not math.isfinite(fid):
+        raise ValueError(f"{name} version {version}: FID must be a finite number, got {fid}")
+    mlf = tracking.client(cfg)
+    mlf.set_model_version_tag(name, str(version), TAG_FID, repr(fid))
+    return update_champion(mlf, name, cfg.registry.champion_alias)
+
+
+# -- resolving references -----------------------------------------------------------------------------------
+def _from_version(mlf, v) -> ResolvedModel:
+    tags = v.tags or {}
+    run_uri = tags.get(tracking.TAG_RUN_URI)
+    meta: dict[str, Any] = {}
+    if run_uri and storage.exists(storage.join(run_uri, "final", "metadata.json")):
+        meta = storage.read_json(storage.join(run_uri, "final", "metadata.json"))
+    arch = meta.get("arch") or (json.loads(tags[TAG_ARCH]) if tags.get(TAG_ARCH) else None)
+    fid = _fid_of(v)
+    if fid is not None:
+        meta = {**meta, "registry_fid": fid}
+    return ResolvedModel(name=v.name, version=str(v.version), run_uri=run_uri, g_uri=tags.get(TAG_G_URI),
+                         arch=arch, metadata=meta, fid=fid)
+
+
+def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``), a run URI or a G checkpoint URI."""
+    from mlflow.exceptions import MlflowException
+
+    ref = ref.strip()
+    if ref.startswith("models:/"):
+        body = ref[len("models:/"):]
+        mlf = tracking.client(cfg)
+        try:
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                v = mlf.get_model_version_by_alias(name, alias)
+            elif "/" in body:
+                name, version = body.split("/", 1)
+                if version == "latest":
+                    versions = _versions(mlf, name)
+                    if not versions:
+                        raise LookupError(f"{ref}: registered model {name!r} has no versions")
+                    v = versions[-1]
+                else:
+                    v = mlf.get_model_version(name, version)
+            else:
+                raise ValueError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        except MlflowException as exc:
+            raise LookupError(f"{ref}: not found in the registry at {mlf.tracking_uri} "
+                              f"({exc.message.splitlines()[0]})") from None
+        return _from_version(mlf, v)
+    if ref.endswith(".pth"):
+        meta_uri = storage.join(ref.rsplit("/", 1)[0], "metadata.json") if "/" in ref else "metadata.json"
+        meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+        if not storage.exists(ref):
+            raise FileNotFoundError(f"checkpoint {ref} does not exist")
+        return ResolvedModel(name=Path(ref).stem, version="", run_uri=None, g_uri=ref, arch=meta.get("arch"),
+                             metadata=meta, fid=meta.get("fid"))
+    meta_uri = storage.join(ref, "final", "metadata.json")
+    if not storage.exists(meta_uri):
+        raise FileNotFoundError(f"{ref}: not a registered model (models:/...), a finished run (no "
+                                "final/metadata.json) or a .pth checkpoint")
+    meta = storage.read_json(meta_uri)
+    return ResolvedModel(name=meta.get("run_name") or ref.rstrip("/").rsplit("/", 1)[-1], version="", run_uri=ref,
+                         g_uri=storage.join(ref, "final", "G.pth"), arch=meta.get("arch"), metadata=meta,
+                         fid=meta.get("fid"))
+
+
+def _our_models(mlf, cfg: Config) -> list:
+    prefix = f"{cfg.registry.model_prefix}-"
+    models = list(mlf.search_registered_models(max_results=1000))
+    return sorted((m for m in models if m.name.startswith(prefix)), key=lambda m: m.name)
+
+
+def list_champions(cfg: Config) -> list[ResolvedModel]:
+    """The champion version of every registered model with this prefix (models without one are skipped)."""
+    mlf = tracking.client(cfg)
+    out = []
+    for m in _our_models(mlf, cfg):
+        v = _alias_version(mlf, m.name, cfg.registry.champion_alias)
+        if v is not None:
+            out.append(_from_version(mlf, v))
+    return out
+
+
+def model_lines(cfg: Config) -> list[str]:
+    """One line per registered model: name, versions, aliases, FID per version."""
+    mlf = tracking.client(cfg)
+    lines = []
+    for m in _our_models(mlf, cfg):
+        versions = _versions(mlf, m.name)
+        aliases = {str(a): str(n) for a, n in (mlf.get_registered_model(m.name).aliases or {}).items()}
+        fids = [f"v{v.version}={_fid_of(v):.4f}" for v in versions if _fid_of(v) is not None]
+        lines.append(f"{m.name}  versions: {','.join(str(v.version) for v in versions) or '-'}"
+                     f"  aliases: {','.join(f'{a}=v{n}' for a, n in sorted(aliases.items())) or '-'}"
+                     f"  fid: {' '.join(fids) or '-'}")
+    return lines
+
+
+def cli_list(cfg: Config, args) -> int:
+    """`sketchgan models list`."""
+    lines = model_lines(cfg)
+    if not lines:
+        print(f"no registered models named {cfg.registry.model_prefix}-* in {tracking.tracking_uri(cfg)}")
+    for line in lines:
+        print(line)
+    return 0

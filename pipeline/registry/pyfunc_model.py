@@ -1,0 +1,151 @@
+"""A customised generator as an MLflow pyfunc, and the seeded sampling it shares with `sketchgan generate`.
+
+Model contract (the logged signature):
+
+* input: a pandas DataFrame with an integer column ``seed`` (one image per row) and an optional float column
+  ``truncation`` (ψ in (0, 1]; missing or NaN means 1.0, no truncation);
+* output: a numpy ``uint8`` array of shape ``(rows, H, W, 3)``, RGB.
+
+An image is a pure function of (weights, seed, ψ): the latent of a row comes from its own seeded RNG, the
+per-layer noise is the generator's fixed noise buffers, and the truncation centre is the mean of W over a fixed
+set of latents. So the same seed gives the same image in any batch, process or machine (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+MEAN_LATENT_SEED = 0x5EED
+MEAN_LATENT_SAMPLES = 4096
+MAX_ROWS = 4096  # per predict() call: keeps one request from exhausting memory
+BATCH = 16
+
+
+# -- sampling (shared with generate.py) ---------------------------------------------------------------------
+def latents_for_seeds(seeds: list[int], style_dim: int) -> torch.Tensor:
+    """One z per seed, each from its own RNG (so a seed's latent does not depend on its batch)."""
+    return torch.stack([torch.randn(style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def mean_w(G: torch.nn.Module, device) -> torch.Tensor:
+    """The truncation centre: mean of W over a fixed set of latents (1 x style_dim)."""
+    z = torch.randn(MEAN_LATENT_SAMPLES, G.style_dim, generator=torch.Generator().manual_seed(MEAN_LATENT_SEED))
+    return G.get_latent(z.to(device)).mean(0, keepdim=True)
+
+
+@torch.no_grad()
+def synthesize(G: torch.nn.Module, w: torch.Tensor) -> np.ndarray:
+    """W latents (N x style_dim) -> uint8 N x H x W x 3 with the generator's fixed noise."""
+    out = []
+    for i in range(0, w.shape[0], BATCH):
+        img = G([w[i:i + BATCH]], input_is_latent=True, randomize_noise=False)[0]
+        img = ((img.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+        out.append(img.permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, G.size, G.size, 3), np.uint8)
+
+
+@torch.no_grad()
+def truncated_w(G: torch.nn.Module, seeds: list[int], psi: list[float], device, centre=None) -> torch.Tensor:
+    w = G.get_latent(latents_for_seeds(seeds, G.style_dim).to(device))
+    if any(p < 1 for p in psi):
+        centre = mean_w(G, device) if centre is None else centre
+        p = torch.tensor(psi, dtype=w.dtype, device=device)[:, None]
+        w = centre + p * (w - centre)
+    return w
+
+
+def render(G: torch.nn.Module, seeds: list[int], psi: list[float], device, centre=None) -> np.ndarray:
+    """Images for seeds (uint8 N x H x W x 3), each with its own truncation ψ."""
+    return synthesize(G, truncated_w(G, seeds, psi, device, centre))
+
+
+def interpolate(G: torch.nn.Module, seed_a: int, seed_b: int, steps: int, psi: float, device) -> np.ndarray:
+    """``steps`` images along the straight line in W between two seeds' (truncated) latents."""
+    w = truncated_w(G, [seed_a, seed_b], [psi, psi], device)
+    t = torch.linspace(0, 1, steps, device=device, dtype=w.dtype)[:, None]
+    return synthesize(G, w[0:1] * (1 - t) + w[1:2] * t)
+
+
+def check_truncation(psi: float, where: str = "truncation") -> float:
+    psi = float(psi)
+    if not (math.isfinite(psi) and 0 < psi <= 1):
+        raise ValueError(f"{where}: truncation ψ must be in (0, 1], got {psi}")
+    return psi
+
+
+# -- the pyfunc -------------------------------------------------------------------------------------------
+def signature(size: int):
+    """The logged signature: seeds (+ optional ψ) in, uint8 N x size x size x 3 images out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), name="images")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example():
+    import pandas as pd
+
+    return pd.DataFrame({"seed": [0, 1], "truncation": [1.0, 0.7]})
+
+
+def parse_input(model_input) -> tuple[list[int], list[float]]:
+    """Seeds and ψ per row from a DataFrame (or a mapping / list of rows), refusing bad values by column."""
+    import pandas as pd
+
+    df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if "seed" not in df.columns:
+        raise ValueError(f"model input: a column 'seed' is required (got columns {list(df.columns)})")
+    if len(df) > MAX_ROWS:
+        raise ValueError(f"model input: at most {MAX_ROWS} rows per call, got {len(df)}")
+    seeds = []
+    for i, s in enumerate(df["seed"].tolist()):
+        if isinstance(s, float) and s.is_integer():
+            s = int(s)
+        if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= int(s) < 2**63:
+            raise ValueError(f"model input row {i}: seed must be an integer in [0, 2**63), got {s!r}")
+        seeds.append(int(s))
+    psi = [1.0] * len(seeds)
+    if "truncation" in df.columns:
+        for i, p in enumerate(df["truncation"].tolist()):
+            if p is None or (isinstance(p, float) and math.isnan(p)):
+                continue
+            psi[i] = check_truncation(p, f"model input row {i}")
+    return seeds, psi
+
+
+try:
+    from mlflow.pyfunc import PythonModel as _PythonModel
+except ImportError:  # the sampling helpers above work without MLflow
+    _PythonModel = object
+
+
+class SketchGANModel(_PythonModel):
+    """MLflow pyfunc: artifacts ``generator`` (state dict) and ``metadata`` (run metadata with ``arch``)."""
+
+    def load_context(self, context) -> None:
+        from pipeline.models import factory
+        from pipeline.models.checkpoints import load_into, load_state_dict
+
+        with open(context.artifacts["metadata"]) as f:
+            self.metadata = json.load(f)
+        arch = self.metadata.get("arch")
+        if not isinstance(arch, dict):
+            raise ValueError("model artifact metadata.json: no generator architecture ('arch')")
+        self.device = factory.device_default()
+        G = factory.build_generator(arch)
+        load_into(G, load_state_dict(context.artifacts["generator"]), source="model artifact generator")
+        self.G = G.to(self.device).eval().requires_grad_(False)
+        self._centre = None
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        seeds, psi = parse_input(model_input)
+        if self._centre is None and any(p < 1 for p in psi):
+            self._centre = mean_w(self.G, self.device)
+        return render(self.G, seeds, psi, self.device, self._centre)
