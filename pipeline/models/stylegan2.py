@@ -129,10 +129,11 @@ class EqualLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias * self.lr_mul if self.bias is not None else None
-        if self.activation:
-            return fused_leaky_relu(F.linear(x, self.weight * self.scale), bias)
-        return F.linear(x, self.weight * self.scale, bias=bias)
+        # leaky_relu(a·y) = a·leaky_relu(y) for a > 0: the activation gain goes into weight and bias
+        gain = SQRT2 if self.activation else 1.0
+        bias = self.bias * (self.lr_mul * gain) if self.bias is not None else None
+        out = F.linear(x, self.weight * (self.scale * gain), bias=bias)
+        return F.leaky_relu(out, 0.2, inplace=True) if self.activation else out
 
 
 def demodulation(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,20 +159,26 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channels, bias_init=1)
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The convolution before demodulation, and the demodulation coefficients (B×out, or None).
+
+        Demodulation scales whole output channels and the blur filters every channel alike, so the two
+        commute: callers apply the coefficients wherever it is cheapest.
+        """
         weight = self.weight[0] * self.scale  # out, in, k, k
         s = self.modulation(style)  # B, in
         x = x * s.view(s.shape[0], -1, 1, 1).to(x.dtype)
         if self.upsample:
-            x = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2)
+            x = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2))
         else:
             x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
-        if self.demodulate:
-            dcoefs = demodulation(s, weight)
-            x = x * dcoefs.view(dcoefs.shape[0], -1, 1, 1).to(x.dtype)
-        if self.upsample:
-            x = self.blur(x)
-        return x
+        return x, demodulation(s, weight) if self.demodulate else None
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        out, dcoefs = self.modulated(x, style)
+        if dcoefs is None:
+            return out
+        return out * dcoefs.view(dcoefs.shape[0], -1, 1, 1).to(out.dtype)
 
 
 class NoiseInjection(nn.Module):
@@ -180,10 +187,15 @@ class NoiseInjection(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return image + self.scaled_noise(image, noise)
+
+    def scaled_noise(self, image: torch.Tensor, noise: torch.Tensor | None = None,
+                     gain: float = 1.0) -> torch.Tensor:
+        """weight·noise (B×1×H×W), fresh normal noise when none is given."""
         if noise is None:
             b, _, h, w = image.shape
             noise = image.new_empty(b, 1, h, w).normal_()
-        return image + self.weight.to(image.dtype) * noise.to(image.dtype)
+        return (self.weight * gain).to(image.dtype) * noise.to(image.dtype)
 
 
 class ConstantInput(nn.Module):
@@ -205,7 +217,16 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channels)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.activate(self.noise(self.conv(x, style), noise=noise))
+        # leaky(out·d + w_n·noise + b)·√2 = leaky(out·(√2·d) + (√2·w_n)·noise + √2·b): the gain, the
+        # demodulation and the bias take one pass (addcmul), the noise one, the activation one, in place
+        out, dcoefs = self.conv.modulated(x, style)
+        b, c = out.shape[:2]
+        scale = (dcoefs * SQRT2).view(b, c, 1, 1) if dcoefs is not None else out.new_full((1, 1, 1, 1), SQRT2)
+        bias = self.activate.bias
+        bias = (bias * SQRT2).view(1, c, 1, 1) if bias is not None else out.new_zeros(1, 1, 1, 1)
+        out = torch.addcmul(bias.to(out.dtype), out, scale.to(out.dtype))
+        out = out.add_(self.noise.scaled_noise(out, noise, gain=SQRT2))
+        return F.leaky_relu(out, 0.2, inplace=True)
 
 
 class ToRGB(nn.Module):
@@ -365,6 +386,20 @@ class ConvLayer(nn.Sequential):
         if activate:
             layers.append(FusedLeakyReLU(out_channels, bias=bias))
         super().__init__(*layers)
+        self.downsample, self.activate = downsample, activate
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """The layer's output times ``gain``. The gain, the activation's √2 and its bias are folded into the
+        convolution (leaky_relu(a·y) = a·leaky_relu(y) for a > 0), and the activation runs in place."""
+        if self.downsample:
+            x = self[0](x)
+        conv = self[1] if self.downsample else self[0]
+        bias = self[-1].bias if self.activate else conv.bias
+        if self.activate:
+            gain = gain * SQRT2
+        out = F.conv2d(x, conv.weight * (conv.scale * gain), bias * gain if bias is not None else None,
+                       stride=conv.stride, padding=conv.padding)
+        return F.leaky_relu(out, 0.2, inplace=True) if self.activate else out
 
 
 class ResBlock(nn.Module):
@@ -376,7 +411,10 @@ class ResBlock(nn.Module):
                               blur_kernel=blur_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
+        # (main + skip) / √2 with the 1/√2 folded into both convolutions; the skip conv's output is free to
+        # be overwritten (the activation's output is not: its backward reads it)
+        skip = self.skip(x, gain=1 / SQRT2)
+        return skip.add_(self.conv2(self.conv1(x), gain=1 / SQRT2))
 
 
 class Discriminator(nn.Module):
