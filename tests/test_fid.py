@@ -166,7 +166,7 @@ def test_randconv_is_deterministic_and_seed_dependent():
     torch.testing.assert_close(e1(x), e2(x), rtol=0, atol=0)
     assert e1(x).shape == (3, 32)
     assert not torch.allclose(e1(x), RandConvExtractor(seed=5, device="cpu")(x))
-    assert e1.cache_id == "randconv@v1-seed4-d32"
+    assert e1.cache_id == "randconv@v2-seed4-d32"
     with pytest.raises(ValueError, match="299"):
         e1(torch.rand(2, 3, 64, 64))
 
@@ -234,7 +234,7 @@ def test_inception_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_build_extractor_names():
     assert build_extractor(EvalConfig(feature_extractor="randconv:3:8"), device="cpu").cache_id == \
-        "randconv@v1-seed3-d8"
+        "randconv@v2-seed3-d8"
     with pytest.raises(FeatureExtractorError, match="unknown"):
         build_extractor(EvalConfig(feature_extractor="vgg"), device="cpu")
     with pytest.raises(FeatureExtractorError, match="cannot import"):
