@@ -115,7 +115,7 @@ class RandomConvNet(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(3, 16, 8, stride=4, padding=2), nn.LeakyReLU(0.2),  # 299 -> 74
             nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # -> 37
-            nn.Conv2d(32, dim, 3, stride=2, padding=1),  # -> 19; linear, so features centre near 0
+            nn.Conv2d(32, dim, 3, stride=2, padding=1),  # -> 19; linear: features may be negative
             nn.AdaptiveAvgPool2d(1),
         )
         with torch.no_grad():
@@ -126,8 +126,9 @@ class RandomConvNet(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / p[0].numel()) ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Spatial averaging shrinks the spread between images; the fixed gain puts FID and KID at the scale
-        # Inception gives (features of order 1, FIDs in the tens to hundreds).
+        # Spatial averaging shrinks the spread between images; the fixed gain makes FIDs readable (units to
+        # hundreds). Scores are comparable only within this extractor: KID in particular is far from
+        # Inception's scale, as the cubic kernel sees features of norm ~10 rather than ~1.
         return self.body((x - 128.0) / 128.0).flatten(1) * 10.0
 
 
