@@ -28,6 +28,8 @@ def test_edges_is_differentiable():
 def test_photosketch_needs_weights_and_loads_them(tmp_path):
     with pytest.raises(ValueError, match="data.sketcher_weights"):
         build_sketcher("photosketch")
+    with pytest.raises(ValueError, match="--sketcher-weights"):
+        sketcher_fingerprint("photosketch")
     path = tmp_path / "photosketch.pth"
     torch.save(deterministic_state_dict("PhotoSketch"), path)
     net = build_sketcher("photosketch", str(path), norm="per_image")

@@ -48,6 +48,12 @@ class PhotoSketchSketcher(nn.Module):
         return self.net(x)
 
 
+def _needs_weights() -> ValueError:
+    return ValueError("the photosketch sketcher needs its weights: set data.sketcher_weights (or pass "
+                      "--sketcher-weights) to the PhotoSketch checkpoint, e.g. photosketch.pth from the "
+                      "PhotoSketch release; or use sketcher 'edges', which needs none")
+
+
 def build_sketcher(name: str, weights_uri: str | None = None, norm: str = "batch",
                    device: torch.device | str | None = None) -> nn.Module:
     """A frozen sketcher by name. ``norm`` is PhotoSketch's batch-norm mode (``batch`` or ``per_image``)."""
@@ -55,9 +61,7 @@ def build_sketcher(name: str, weights_uri: str | None = None, norm: str = "batch
         net: nn.Module = EdgeSketcher()
     elif name == "photosketch":
         if not weights_uri:
-            raise ValueError("the photosketch sketcher needs its weights: set data.sketcher_weights (or pass "
-                             "--sketcher-weights) to the PhotoSketch checkpoint, e.g. photosketch.pth from the "
-                             "PhotoSketch release; or use sketcher 'edges', which needs none")
+            raise _needs_weights()
         from pipeline.models.checkpoints import load_into, load_state_dict
         from pipeline.models.photosketch import PhotoSketch
 
@@ -75,8 +79,10 @@ def sketcher_fingerprint(name: str, weights_uri: str | None = None) -> str:
     """``name:sha256-of-weights`` (``edges:none``): recorded with every dataset and run."""
     if name not in SKETCHERS:
         raise ValueError(f"unknown sketcher {name!r} (known: {', '.join(SKETCHERS)})")
-    if name == "edges" or not weights_uri:
-        return f"{name}:none"
+    if name == "edges":
+        return "edges:none"
+    if not weights_uri:
+        raise _needs_weights()
     from pipeline.models.checkpoints import sha256_of
 
     return f"{name}:{sha256_of(weights_uri)}"
