@@ -154,15 +154,16 @@ def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> Model
 
 def _from_registry(entry: dict[str, Any], resolved, cfg: Config) -> ModelSpec:
     meta = dict(resolved.metadata or {})
-    if resolved.g_uri:
-        arch = resolved.arch or _arch_of(meta)
-        if arch is None:
-            raise BenchmarkError(f"{entry['_where']}: registered model {resolved.name} has no architecture")
+    arch = resolved.arch or _arch_of(meta)
+    if resolved.g_uri and arch:
         source = {"kind": "checkpoint", "uri": resolved.g_uri, "arch": arch}
     elif resolved.run_uri:
         source = {"kind": "run", "uri": resolved.run_uri}
     else:
-        raise BenchmarkError(f"{entry['_where']}: registered model {resolved.name} has no weights URI")
+        raise BenchmarkError(
+            f"{entry['_where']}: registered model {resolved.name} v{resolved.version} has no run and no "
+            "checkpoint with a known architecture"
+        )
     return _spec(entry, resolved.name, str(resolved.version), source, meta, cfg, registry_name=resolved.name)
 
 
