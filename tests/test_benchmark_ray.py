@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -91,7 +92,21 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert runs[0].data.metrics["fid.cat-a"] == pytest.approx(rows[0]["fid"])
     assert runs[0].data.metrics["fid.horse-b"] == pytest.approx(rows[1]["fid"])
 
-    # Second run through the CLI: the reference statistics are reused, and the scores are the same.
+    # Register run A's generator as a model version (directly: pyfunc packaging is the registry's own test).
+    from pipeline.registry import mlflow_registry
+
+    name = "sketchgan-cat-cat-sketches"
+    client.create_registered_model(name)
+    arch = storage.read_json(storage.join(run_a, "final", "metadata.json"))["arch"]
+    version = client.create_model_version(name, source=run_a, tags={
+        tracking.TAG_RUN_URI: run_a, mlflow_registry.TAG_G_URI: storage.join(run_a, "final", "G.pth"),
+        mlflow_registry.TAG_ARCH: json.dumps(arch)}).version
+    version = str(version)
+    client.set_registered_model_alias(name, cfg.registry.champion_alias, version)
+
+    # Second run through the CLI, over `champions` and run B: the reference statistics are reused, the
+    # champion (run A's weights) scores what run A scored, and its FID lands on the model version.
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: champions, n: 12}}, {{model: {run_b}, n: 10}}]"])
     config_file = tmp_path / "bench.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     caplog.clear()
@@ -100,5 +115,9 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert caplog.text.count("reusing cached reference statistics") == 2
     assert "computing reference statistics" not in caplog.text
     again = pq.read_table(storage.join(out, "results.parquet")).to_pylist()
+    assert [(r["model"], r["version"], r["category"]) for r in again] == [
+        (name, version, "cat"), ("horse-b", "", "horse")]
     assert [r["fid"] for r in again] == pytest.approx([r["fid"] for r in table], rel=1e-9)
-    assert "| horse-b |" in capsys.readouterr().out
+    tags = client.get_model_version(name, version).tags
+    assert float(tags[mlflow_registry.TAG_FID]) == pytest.approx(rows[0]["fid"], rel=1e-9)
+    assert f"| {name} | {version} |" in capsys.readouterr().out
