@@ -53,3 +53,16 @@ def ray_local(s3_endpoint):
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """A real `mlflow server` process on loopback for the module: SQLite backend store, artifacts proxied to a
+    fresh bucket on the loopback S3 endpoint."""
+    from mlflow_server import MlflowServer
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no internet here: do not try to phone home
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3_endpoint.env,
+                          s3_endpoint.new_bucket("mlflow")).start()
+    yield server
+    server.stop()

@@ -1,8 +1,10 @@
 """The MLflow model registry of customised GANs: one registered model per (category, sketch set).
 
 `register_run` turns a finished GANSketching run (read from storage) into a new version of
-``<prefix>-<category>-<sketch set>``, logged as a self-contained pyfunc (see `pyfunc_model`) with lineage tags.
-Registering the same run again returns the existing version. The alias ``champion`` (``registry.champion_alias``)
+``<prefix>-<category>-<sketch set>``, logged as a pyfunc (see `pyfunc_model`) with lineage tags; registering the
+same run again returns the existing version. The pyfunc pickles a reference to
+`pipeline.registry.pyfunc_model.SketchGANModel`, so loading it needs the project installed (its pip requirements
+say so); the weights and metadata travel with the model. The alias ``champion`` (``registry.champion_alias``)
 points at the version with the lowest FID and moves only when another version is strictly better; while no
 version has an FID it follows the latest version.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,18 +93,13 @@ def update_champion(mlf, name: str, alias: str) -> str | None:
     return str(target.version)
 
 
-def _package_code(dest: Path) -> Path:
-    """A copy of the `pipeline` package's sources (the pyfunc then loads without the project installed)."""
-    src = Path(__file__).resolve().parents[1]
-    out = dest / "pipeline"
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
-    return out
-
-
 def _pip_requirements() -> list[str]:
     import importlib.metadata as md
 
-    reqs = []
+    from pipeline import __version__
+
+    # The pyfunc imports the project's `pipeline` package (the generator's code): it must be installed.
+    reqs = [f"sketchgan=={__version__}"]
     for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "mlflow"):
         try:
             reqs.append(f"{dist}=={md.version(dist).split('+')[0]}")
@@ -145,12 +141,11 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
         g_path = storage.download_file(storage.join(run_uri, "final", "G.pth"), d / "G.pth")
         meta_path = d / "metadata.json"
         meta_path.write_text(json.dumps(tracking.scrub(meta), indent=2, sort_keys=True, default=str))
-        code = _package_code(d / "code")
         with tracking.activated(cfg), mlflow.start_run(run_id=mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=SketchGANModel(),
                 artifacts={"generator": str(g_path), "metadata": str(meta_path)},
-                code_paths=[str(code)], signature=signature(int(meta["arch"]["size"])),
+                signature=signature(int(meta["arch"]["size"])),
                 input_example=input_example(), pip_requirements=_pip_requirements())
     return info.model_uri
 
@@ -194,7 +189,8 @@ def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
     with tracking.activated(cfg):
         version = mlf.create_model_version(name, source=model_uri, run_id=mlflow_run_id,
                                            tags=_lineage_tags(meta, run_uri, g_uri),
-                                           description=f"{meta.get('run_name')} ({run_uri})")
+                                           description=f"{meta.get('run_name')} ({run_uri})",
+                                           model_id=model_uri.removeprefix("models:/") or None)
     log.info("registered %s as %s version %s", run_uri, name, version.version)
     update_champion(mlf, name, alias)
     return name, str(version.version)
