@@ -61,6 +61,10 @@ class DataConfig(Section):
     batch_size: int = Field(32, ge=1, le=4096)
     dataset: str | None = None  # preprocessed dataset URI; default <root>/datasets/<category>
     max_image_pixels: int = Field(89_478_485, ge=1)  # larger images are refused as decompression bombs
+    num_actors: int | None = Field(None, ge=1)  # sketch actors; default one per GPU, else one per node
+    actor_threads: int | None = Field(None, ge=1)  # torch threads per sketch actor; default the node's CPUs
+    network_batch: int = Field(8, ge=1, le=1024)  # images per sketch-network call inside a batch
+    rows_per_file: int = Field(2048, ge=1)  # rows per Parquet file of pairs (at least; per write task)
 
     @field_validator("category")
     @classmethod
