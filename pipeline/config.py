@@ -161,20 +161,37 @@ class TrainConfig(Section):
 
 
 class TuneConfig(Section):
-    """Ray Tune sweep over training settings."""
+    """Ray Tune sweep over training settings (one sketch set; each trial is one `train` run)."""
 
     search: Literal["grid", "random"] = "grid"
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(1, ge=1)  # grid: repeats of the grid; random: number of trials
     param_space: dict[str, list[Any]] = Field(default_factory=dict)  # train.<key> -> values
     metric: str | None = None  # default: fid when an evaluation set is configured, else loss_sketch
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int = Field(2, ge=1)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    grace_period: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)  # CPUs of a trial's training workers in all
+    gpus_per_trial: float = Field(0.0, ge=0)  # GPUs of a trial's training workers in all (fractions share)
+    driver_cpus: float = Field(0.0, ge=0)  # what each trial's (lightweight) Tune driver reserves
+    grace_period: int = Field(1, ge=1)  # training iterations before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)
     name: str = "sweep"
+    sketch_set: str | None = None  # which of train.sketch_sets to sweep (default: the only one)
     resume: bool = False
+
+    @field_validator("param_space")
+    @classmethod
+    def _train_keys(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not key.startswith("train.") or key.count(".") != 1:
+                raise ValueError(f"{key!r}: sweep keys are train.<field> (e.g. train.lr)")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{key!r}: give a non-empty list of values")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_sweep_name(cls, v: str) -> str:
+        return validate_name(v, "sweep name")
 
 
 class RegistryConfig(Section):
