@@ -1,0 +1,11 @@
+"""`ray job submit ... -- python jobs/preprocess.py --source URI ...`: the `sketchgan preprocess` command."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipeline.cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(pipeline.cli.main(["preprocess", *sys.argv[1:]]))

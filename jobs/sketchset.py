@@ -1,0 +1,11 @@
+"""`ray job submit ... -- python jobs/sketchset.py --name N ...`: the `sketchgan sketchset create` command."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipeline.cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(pipeline.cli.main(["sketchset", "create", *sys.argv[1:]]))
