@@ -34,14 +34,15 @@ def _generator(size: int, seed: int):
     """A seeded random-weight conv decoder z -> image in [-1, 1] (the images only need to be generated and
     alike for both paths; the model does not matter, so the benchmark needs no trained weights)."""
     gen = torch.Generator().manual_seed(seed)
-    layers: list[torch.nn.Module] = [torch.nn.Unflatten(1, (32, 4, 4))]
+    width = 16
+    layers: list[torch.nn.Module] = [torch.nn.Unflatten(1, (width, 4, 4))]
     res = 4
     while res < size:
-        layers += [torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.Conv2d(32, 32, 3, padding=1),
-                   torch.nn.LeakyReLU(0.2)]
+        layers += [torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+                   torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.LeakyReLU(0.2)]
         res *= 2
-    layers += [torch.nn.Conv2d(32, 3, 3, padding=1), torch.nn.Tanh()]
-    net = torch.nn.Sequential(torch.nn.Linear(64, 32 * 16), *layers).eval()
+    layers += [torch.nn.Conv2d(width, 3, 3, padding=1), torch.nn.Tanh()]
+    net = torch.nn.Sequential(torch.nn.Linear(64, width * 16), *layers).eval()
     with torch.no_grad():
         for p in net.parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
