@@ -1,0 +1,250 @@
+"""Readers and the preprocess stage on Ray Data: LMDB key ranges (== torchvision's LSUNClass), folders, Parquet,
+S3; the output contract, bad records, error rate, re-run idempotence and interrupted runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.data import lsun, preprocess, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+N = 40  # good images per LMDB (32 px)
+BAD = ("bad-bomb", "bad-corrupt", "bad-empty", "bad-truncated")
+ODD = ("odd-16bit", "odd-cmyk", "odd-grey", "odd-palette", "odd-rgba", "odd-tiny")
+
+
+@pytest.fixture(scope="module")
+def lmdbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lsun")
+    clean = synthetic.write_shapes_lmdb(str(root / "clean"), n=N, size=32, seed=5)
+    dirty = synthetic.write_shapes_lmdb(str(root / "dirty"), n=N, size=32, seed=6, bad=True)
+    return {"clean": str(root / "clean"), "dirty": str(root / "dirty"), "labels": {"clean": clean, "dirty": dirty}}
+
+
+def _cfg(source: str, out: str, *extra: str):
+    return load_config(None, [f"data.source={json.dumps(source)}", f"data.dataset={json.dumps(out)}",
+                              "data.category=shapes", "data.size=32", "data.batch_size=16", *extra])
+
+
+def _pairs(out: str):
+    files = storage.list_files(storage.join(out, "pairs"), suffix=".parquet")
+    tables = []
+    for uri in files:
+        fs, path = storage.filesystem(uri)
+        tables.append(pq.read_table(path, filesystem=fs, partitioning=None))
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def _errors(out: str) -> dict[str, str]:
+    rows = {}
+    for uri in storage.list_files(storage.join(out, "errors"), suffix=".parquet"):
+        fs, path = storage.filesystem(uri)
+        t = pq.read_table(path, filesystem=fs)
+        rows.update(zip(t["source_key"].to_pylist(), t["reason"].to_pylist()))
+    return rows
+
+
+def _hidden_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_lmdb_reader_matches_torchvision_lsunclass(ray_local, lmdbs, tmp_path, monkeypatch):
+    from torchvision.datasets import LSUNClass
+
+    monkeypatch.setattr(lsun, "SPLIT_ROWS", 8)  # several key ranges from 40+10 records
+    monkeypatch.chdir(tmp_path)  # LSUNClass writes a key cache file into the working directory
+    source = lsun.lmdb_datasource(lmdbs["dirty"])
+    assert len(source.get_read_tasks(4)) == 4 and source.num_rows == N + len(BAD) + len(ODD)
+    ds, _ = lsun.read_source(lmdbs["dirty"])
+    rows = ds.take_all()
+    ours = {r["source_key"]: r["data"] for r in rows}
+    assert len(rows) == len(ours) == N + len(BAD) + len(ODD)  # every key once, none twice
+    reference = LSUNClass(lmdbs["dirty"])
+    assert len(reference) == len(ours)
+    for key, value in zip(reference.keys, (ours[k.decode()] for k in reference.keys)):
+        name = key.decode()
+        if name.startswith("bad-"):
+            continue  # torchvision cannot decode these either
+        expected = np.asarray(reference[reference.keys.index(key)][0])
+        got = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
+        assert np.array_equal(got, expected), name
+
+
+def test_lmdb_limit_reads_the_first_keys(ray_local, lmdbs):
+    ds, fingerprint = lsun.read_source(lmdbs["clean"], limit=7)
+    keys = sorted(r["source_key"] for r in ds.take_all())
+    assert keys == sorted(lmdbs["labels"]["clean"])[:7]
+    assert fingerprint != lsun.read_source(lmdbs["clean"], limit=8)[1]
+
+
+def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "datasets" / "shapes"
+    args = ["preprocess", "--source", lmdbs["dirty"], "--out", str(out), "--category", "shapes", "--size", "32",
+            "--max-error-rate", "0.2"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert f"{N + 10} records in, {N + 6} pairs out, 4 errors" in summary and "images/s" in summary
+
+    pairs = _pairs(str(out))
+    assert pairs.column_names == list(preprocess.PAIR_COLUMNS)
+    assert pairs.num_rows == N + len(ODD) and len(set(pairs["id"].to_pylist())) == pairs.num_rows
+    keys = set(pairs["source_key"].to_pylist())
+    assert keys == set(lmdbs["labels"]["dirty"]) and not keys & set(BAD)
+    for row in pairs.to_pylist():
+        assert row["id"] == preprocess.record_id("shapes", row["source_key"])
+        image, sketch = Image.open(io.BytesIO(row["image"])), Image.open(io.BytesIO(row["sketch"]))
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
+        assert (sketch.format, sketch.mode, sketch.size) == ("PNG", "L", (32, 32))
+        assert row["size"] == 32 and row["sketcher"] == "edges:none"
+    errors = _errors(str(out))
+    assert set(errors) == set(BAD)
+    assert "decompression bomb" in errors["bad-bomb"] and errors["bad-empty"] == "empty value"
+    manifest = storage.read_json(str(out / "manifest.json"))
+    assert manifest["counts"] == {"rows_in": N + 10, "rows_out": N + 6, "errors": 4}
+    assert manifest["sketcher"] == "edges:none" and manifest["input_fingerprint"]
+
+    # the same command again: the same rows, no duplicates, nothing left aside
+    assert main(args) == 0
+    again = _pairs(str(out))
+    assert sorted(again["id"].to_pylist()) == sorted(pairs["id"].to_pylist())
+    by_id = {r["id"]: r for r in again.to_pylist()}
+    for row in pairs.to_pylist():
+        assert by_id[row["id"]]["image"] == row["image"] and by_id[row["id"]]["sketch"] == row["sketch"]
+    assert storage.read_json(str(out / "manifest.json"))["id"] == manifest["id"]
+    assert _hidden_leftovers(out.parent) == []
+
+
+def test_too_many_bad_records_fail_and_keep_the_old_dataset(ray_local, lmdbs, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "shapes"
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(out)))
+    before = (out / "manifest.json").read_bytes()
+    files_before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    # 4 of 50 records are bad: 8 % > the default 1 %
+    assert main(["preprocess", "--source", lmdbs["dirty"], "--out", str(out), "--category", "shapes",
+                 "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "4 of 50 records" in err and "data.max_error_rate 1.00%" in err and "nothing was published" in err
+    assert "bad-bomb: decompression bomb" in err
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
+    assert _hidden_leftovers(out.parent) == []
+
+
+def test_decoding_in_separate_tasks_gives_the_same_rows(ray_local, lmdbs, tmp_path, monkeypatch):
+    # The GPU-cluster plan decodes in CPU tasks before the actors; forced here on CPU.
+    a, b = tmp_path / "a", tmp_path / "b"
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(a), "data.network_batch=3"))
+    plan = preprocess.actor_plan
+
+    def separate(cfg):
+        return {**plan(cfg), "separate_decode": True}
+
+    monkeypatch.setattr(preprocess, "actor_plan", separate)
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(b)))
+    rows_a = sorted(_pairs(str(a)).to_pylist(), key=lambda r: r["id"])
+    rows_b = sorted(_pairs(str(b)).to_pylist(), key=lambda r: r["id"])
+    assert len(rows_a) == N and rows_a == rows_b
+
+
+def test_folder_and_parquet_sources(ray_local, tmp_path):
+    images, _ = synthetic.generate_shape_images(6, 40, seed=2)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, arr in enumerate(images):
+        ext = ("png", "jpg", "webp")[i % 3]
+        Image.fromarray(arr).save(folder / ("sub" if i % 2 else "") / f"img{i}.{ext}")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "from-folder"
+    summary = preprocess.preprocess(_cfg(str(folder), str(out)))
+    assert "6 records in, 6 pairs out, 0 errors" in summary
+    keys = sorted(_pairs(str(out))["source_key"].to_pylist())
+    assert keys == sorted(["img0.png", "sub/img1.jpg", "img2.webp", "sub/img3.png", "img4.jpg", "sub/img5.webp"])
+    # our own Parquet as a source: the images of the dataset just made
+    again = tmp_path / "from-parquet"
+    preprocess.preprocess(_cfg(str(out / "pairs"), str(again)))
+    first, second = _pairs(str(out)), _pairs(str(again))
+    assert sorted(second["source_key"].to_pylist()) == sorted(first["id"].to_pylist())
+    decode = {r["source_key"]: np.asarray(Image.open(io.BytesIO(r["image"]))) for r in second.to_pylist()}
+    for r in first.to_pylist():  # PNG in, same size: pixels unchanged
+        assert np.array_equal(decode[r["id"]], np.asarray(Image.open(io.BytesIO(r["image"]))))
+
+
+def test_s3_source_and_output(ray_local, lmdbs, s3_bucket):
+    lmdb_uri = f"s3://{s3_bucket}/lsun/clean"
+    storage.upload_file(Path(lmdbs["clean"]) / "data.mdb", f"{lmdb_uri}/data.mdb")
+    out = f"s3://{s3_bucket}/root/datasets/shapes"
+    summary = preprocess.preprocess(_cfg(lmdb_uri, out, "data.limit=25"))
+    assert "25 records in, 25 pairs out" in summary
+    assert storage.exists(f"{out}/manifest.json")
+    first = _pairs(out)
+    assert first.num_rows == 25 and set(first["source_key"].to_pylist()) <= set(lmdbs["labels"]["clean"])
+    preprocess.preprocess(_cfg(lmdb_uri, out, "data.limit=25"))
+    again = _pairs(out)
+    assert sorted(again["id"].to_pylist()) == sorted(first["id"].to_pylist())
+    listing = storage.list_files(f"s3://{s3_bucket}/root")
+    assert all("/datasets/shapes/" in u for u in listing), listing  # no staging objects left behind
+    # the same bytes read from the local LMDB give the same rows
+    local = Path(lmdbs["clean"]).parent / "s3-twin"
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(local), "data.limit=25"))
+    assert sorted(_pairs(str(local))["image"].to_pylist()) == sorted(again["image"].to_pylist())
+
+
+DRIVER = """
+import sys, ray
+sys.path.insert(0, {repo!r})
+ray.init(address={address!r}, runtime_env={{"env_vars": {{"PYTHONPATH": {repo!r}}}}}, log_to_driver=False)
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_driver_leaves_nothing_visible(ray_local, tmp_path):
+    import ray
+
+    lmdb_dir = tmp_path / "big"
+    synthetic.write_shapes_lmdb(str(lmdb_dir), n=600, size=32, seed=9)
+    out = tmp_path / "datasets" / "shapes"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(repo=str(REPO), address=ray.get_runtime_context().gcs_address))
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), "preprocess", "--source", str(lmdb_dir), "--out", str(out),
+                             "--category", "shapes", "--size", "32", "--set", "data.batch_size=8",
+                             "--set", "data.rows_per_file=8"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        staged = []
+        while time.time() < deadline and proc.poll() is None and not staged:
+            staged = [p for p in out.parent.glob(".shapes.staging-*/pairs/**/*.parquet")] if out.parent.exists() else []
+            time.sleep(0.05)
+        assert staged, f"no staged part appeared (exit {proc.poll()}): {proc.stdout.read().decode()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, without any cleanup
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not out.exists()  # readers look at datasets/shapes: nothing there, complete or not
+    assert storage.list_files(str(out.parent)) == []
+    # the next run succeeds and publishes a complete dataset
+    preprocess.preprocess(_cfg(str(lmdb_dir), str(out)))
+    assert storage.read_json(str(out / "manifest.json"))["counts"]["rows_out"] == 600
