@@ -60,9 +60,10 @@ def sketch_descriptors(sketches: np.ndarray) -> np.ndarray:
 
 def set_distance(descriptors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """RMS descriptor distance of each row of ``descriptors`` to its nearest row of ``queries``."""
-    d2 = (np.square(descriptors).sum(1)[:, None] + np.square(queries).sum(1)[None, :]
-          - 2.0 * descriptors.astype(np.float64) @ queries.T.astype(np.float64))
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0) / descriptors.shape[1]).astype(np.float64)
+    best = np.full(len(descriptors), np.inf)
+    for q in queries.astype(np.float64):  # a handful of sketches: exact differences, no expansion round-off
+        best = np.minimum(best, np.square(descriptors - q).sum(1))
+    return np.sqrt(best / descriptors.shape[1])
 
 
 def _score_batch(batch: pa.Table, queries: np.ndarray) -> pa.Table:
