@@ -80,4 +80,7 @@ class PhotoSketch(nn.Module):
                 m.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self._norm == "batch":
+            # oneDNN's convolutions and batch norm are faster channels-last; instance norm (per_image) is not
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).contiguous()
