@@ -35,6 +35,13 @@ def lmdbs(tmp_path_factory):
     return {"clean": str(root / "clean"), "dirty": str(root / "dirty"), "labels": {"clean": clean, "dirty": dirty}}
 
 
+@pytest.fixture(scope="module")
+def clean_dataset(ray_local, lmdbs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "shapes"
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(out)))
+    return out
+
+
 def _cfg(source: str, out: str, *extra: str):
     return load_config(None, [f"data.source={json.dumps(source)}", f"data.dataset={json.dumps(out)}",
                               "data.category=shapes", "data.size=32", "data.batch_size=16", *extra])
@@ -93,6 +100,20 @@ def test_lmdb_limit_reads_the_first_keys(ray_local, lmdbs):
     assert fingerprint != lsun.read_source(lmdbs["clean"], limit=8)[1]
 
 
+def test_s3_prefix_of_image_files(ray_local, s3_bucket):
+    images, _ = synthetic.generate_shape_images(3, 16, seed=1)
+    blobs = {f"a/{i}.png": synthetic.encode(Image.fromarray(arr), "PNG") for i, arr in enumerate(images)}
+    for rel, data in blobs.items():
+        storage.write_bytes(f"s3://{s3_bucket}/photos/{rel}", data)
+    storage.write_bytes(f"s3://{s3_bucket}/photos/readme.md", b"not an image")
+    ds, fingerprint = lsun.read_source(f"s3://{s3_bucket}/photos")
+    assert {r["source_key"]: r["data"] for r in ds.take_all()} == blobs
+    storage.write_bytes(f"s3://{s3_bucket}/photos/a/9.jpg", synthetic.encode(Image.fromarray(images[0]), "JPEG"))
+    assert lsun.read_source(f"s3://{s3_bucket}/photos")[1] != fingerprint  # new input, new fingerprint
+    with pytest.raises(lsun.SourceError, match="does not exist"):
+        lsun.read_source(f"s3://{s3_bucket}/nothing-here")
+
+
 def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -132,11 +153,10 @@ def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_p
     assert _hidden_leftovers(out.parent) == []
 
 
-def test_too_many_bad_records_fail_and_keep_the_old_dataset(ray_local, lmdbs, tmp_path, capsys):
+def test_too_many_bad_records_fail_and_keep_the_old_dataset(ray_local, lmdbs, clean_dataset, capsys):
     from pipeline.cli import main
 
-    out = tmp_path / "shapes"
-    preprocess.preprocess(_cfg(lmdbs["clean"], str(out)))
+    out = clean_dataset
     before = (out / "manifest.json").read_bytes()
     files_before = sorted(p.relative_to(out) for p in out.rglob("*"))
     # 4 of 50 records are bad: 8 % > the default 1 %
@@ -150,19 +170,18 @@ def test_too_many_bad_records_fail_and_keep_the_old_dataset(ray_local, lmdbs, tm
     assert _hidden_leftovers(out.parent) == []
 
 
-def test_decoding_in_separate_tasks_gives_the_same_rows(ray_local, lmdbs, tmp_path, monkeypatch):
-    # The GPU-cluster plan decodes in CPU tasks before the actors; forced here on CPU.
-    a, b = tmp_path / "a", tmp_path / "b"
-    preprocess.preprocess(_cfg(lmdbs["clean"], str(a), "data.network_batch=3"))
+def test_decoding_in_separate_tasks_gives_the_same_rows(ray_local, lmdbs, clean_dataset, tmp_path, monkeypatch):
+    # The GPU-cluster plan decodes in CPU tasks before the actors; forced here on CPU (with another chunking).
     plan = preprocess.actor_plan
 
     def separate(cfg):
         return {**plan(cfg), "separate_decode": True}
 
     monkeypatch.setattr(preprocess, "actor_plan", separate)
-    preprocess.preprocess(_cfg(lmdbs["clean"], str(b)))
-    rows_a = sorted(_pairs(str(a)).to_pylist(), key=lambda r: r["id"])
-    rows_b = sorted(_pairs(str(b)).to_pylist(), key=lambda r: r["id"])
+    out = tmp_path / "separate"
+    preprocess.preprocess(_cfg(lmdbs["clean"], str(out), "data.network_batch=3"))
+    rows_a = sorted(_pairs(str(clean_dataset)).to_pylist(), key=lambda r: r["id"])
+    rows_b = sorted(_pairs(str(out)).to_pylist(), key=lambda r: r["id"])
     assert len(rows_a) == N and rows_a == rows_b
 
 
@@ -203,10 +222,15 @@ def test_s3_source_and_output(ray_local, lmdbs, s3_bucket):
     assert sorted(again["id"].to_pylist()) == sorted(first["id"].to_pylist())
     listing = storage.list_files(f"s3://{s3_bucket}/root")
     assert all("/datasets/shapes/" in u for u in listing), listing  # no staging objects left behind
-    # the same bytes read from the local LMDB give the same rows
-    local = Path(lmdbs["clean"]).parent / "s3-twin"
-    preprocess.preprocess(_cfg(lmdbs["clean"], str(local), "data.limit=25"))
-    assert sorted(_pairs(str(local))["image"].to_pylist()) == sorted(again["image"].to_pylist())
+    # the rows hold the LMDB's images (32 px PNG/WebP/JPEG in, so the pixels are the decoded values)
+    import lmdb
+
+    env = lmdb.open(lmdbs["clean"], readonly=True, lock=False)
+    with env.begin() as txn:
+        for row in again.to_pylist():
+            expected = np.asarray(Image.open(io.BytesIO(txn.get(row["source_key"].encode()))).convert("RGB"))
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]))), expected)
+    env.close()
 
 
 DRIVER = """
