@@ -171,7 +171,7 @@ class TuneConfig(Section):
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)  # CPUs of a trial's training workers in all
     gpus_per_trial: float = Field(0.0, ge=0)  # GPUs of a trial's training workers in all (fractions share)
-    driver_cpus: float = Field(0.0, ge=0)  # what each trial's (lightweight) Tune driver reserves
+    driver_cpus: float = Field(0.01, gt=0)  # what each trial's (lightweight) Tune driver reserves
     grace_period: int = Field(1, ge=1)  # training iterations before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)
     name: str = "sweep"
