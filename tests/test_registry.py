@@ -255,3 +255,24 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(backend, tmp_path, capsys)
     capsys.readouterr()
     assert cli.main(["generate", "--model", run, "--truncation", "1.5", "--out", str(grid_png), *args]) == 1
     assert "truncation" in capsys.readouterr().err
+
+
+def test_track_runs_logs_registers_and_survives_an_unreachable_server(tmp_path, monkeypatch):
+    from pipeline.registry import mlflow_registry as reg
+
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}"])
+    custom = make_run(cfg, "custom", "s")
+    base = make_run(cfg, "base", "s")
+    meta = storage.read_json(storage.join(base, "final", "metadata.json"))
+    storage.write_json(storage.join(base, "final", "metadata.json"), {**meta, "kind": "pretrain", "sketch_set": None})
+    lines = reg.track_runs(cfg, [custom, base])
+    assert lines[0] == f"{custom}: registered as models:/sketchgan-cat-s/1"
+    assert lines[1].startswith(f"{base}: logged to MLflow run ")
+    mlf = _client(cfg)
+    assert [m.name for m in mlf.search_registered_models()] == ["sketchgan-cat-s"]
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    down = with_overrides(cfg, ["registry.tracking_uri=http://127.0.0.1:9"])
+    [line] = reg.track_runs(down, [custom])
+    assert line.startswith(f"{custom}: not logged to MLflow")

@@ -319,3 +319,24 @@ def cli_list(cfg: Config, args) -> int:
     for line in lines:
         print(line)
     return 0
+
+
+def track_runs(cfg: Config, run_uris: list[str], register: bool | None = None) -> list[str]:
+    """For `sketchgan pretrain` / `train` after their runs finish: log each run to MLflow and (for
+    customisations, when ``registry.auto_register``) register it. MLflow being unreachable never fails
+    training: each failure becomes a warning line saying how to retry. Returns one line per run."""
+    register = cfg.registry.auto_register if register is None else register
+    lines = []
+    for uri in run_uris:
+        try:
+            meta = _finished_metadata(uri)
+            if register and meta.get("kind") == "train":
+                name, version = register_run(cfg, uri)
+                lines.append(f"{uri}: registered as models:/{name}/{version}")
+            else:
+                lines.append(f"{uri}: logged to MLflow run {tracking.log_run(cfg, uri)}")
+        except Exception as exc:  # noqa: BLE001 - the run is safe in storage; say so and how to retry
+            log.warning("MLflow: could not log %s (%s); the run is complete in storage, retry with "
+                        "pipeline.registry.mlflow_registry.track_runs", uri, exc)
+            lines.append(f"{uri}: not logged to MLflow ({str(exc).splitlines()[0]})")
+    return lines
