@@ -115,3 +115,24 @@ def test_small_sweep_lands_in_storage_and_mlflow_and_restores(ray_local, tmp_pat
     assert len(mlf.search_model_versions(f"name = '{name}'")) == 1
     assert len(mlf.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == len(rows)
     assert len(mlf.search_runs([exp], "tags.`sketchgan.kind` = 'sweep'")) == 1
+
+
+def test_only_reports_with_the_sweep_metric_reach_tune(monkeypatch):
+    """FID is measured only every train.eval_every iterations: reports without it are not forwarded (Tune
+    refuses results that lack the metric), and every forwarded one names the trial's run."""
+    import ray.tune.integration.ray_train as integration
+
+    from pipeline.tune.sweep import _report_callback
+
+    forwarded = []
+
+    class Session:
+        def _get_or_create_inter_actor_queue(self):
+            return type("Q", (), {"put": staticmethod(forwarded.append)})()
+
+    monkeypatch.setattr(integration, "_in_tune_session", lambda: True)
+    monkeypatch.setattr(integration, "get_session", lambda: Session())
+    callback = _report_callback("fid", "/runs/sweep-t1")
+    callback.after_report(None, [{"iteration": 10, "loss_sketch": 0.5}], None)
+    callback.after_report(None, [{"iteration": 20, "loss_sketch": 0.4, "fid": 12.0}], None)
+    assert forwarded == [{"iteration": 20, "loss_sketch": 0.4, "fid": 12.0, "run_uri": "/runs/sweep-t1"}]
