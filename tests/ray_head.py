@@ -46,7 +46,9 @@ class RayHead:
         (self.workdir / "home").mkdir(exist_ok=True)
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        env = {**self.client_env(), **self.extra_env, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**self.client_env(), **self.extra_env, "RAY_USAGE_STATS_ENABLED": "0",
+               # a throwaway test cluster: stop at once on SIGTERM instead of draining for 30 s
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         cmd = [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
