@@ -1,0 +1,226 @@
+"""The training loop without Ray (bit-exact resume, data streams, checkpoints) and the driver-side checks that
+refuse bad inputs before any worker starts."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tiny_data import write_pairs_dataset, write_sketch_set
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.models import factory
+from pipeline.models.checkpoints import save_state_dict
+from pipeline.train import loop, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_base(root: Path, cfg) -> tuple[str, str]:
+    """Random tiny G and D saved in the published layout (stand-ins for netG.pth / netD.pth)."""
+    arch = factory.generator_kwargs(cfg.model)
+    torch.manual_seed(7)
+    g, d = str(root / "base" / "netG.pth"), str(root / "base" / "netD.pth")
+    save_state_dict(factory.build_generator(arch), g)
+    save_state_dict(factory.build_discriminator(arch), d)
+    return g, d
+
+
+def tiny_cfg(root: Path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={root}", *overrides])
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.set_num_threads(1)
+    write_pairs_dataset(str(tmp_path / "datasets" / "shapes"), n=24)
+    write_sketch_set(str(tmp_path / "sketchsets" / "tri"), n=3)
+    cfg = tiny_cfg(tmp_path)
+    g, d = make_base(tmp_path, cfg)
+    return tmp_path, g, d
+
+
+def bare_epochs(dataset_uri: str, batch: int, seed: int = 0):
+    """A plain (Ray-free) epoch reader: the same contract as a Ray Data shard's iter_batches."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.list_files(dataset_uri, ".parquet")[0])))
+    blobs = table.column("image").to_pylist()
+
+    def make_epoch(epoch: int):
+        order = torch.randperm(len(blobs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for i in range(0, len(order) - batch + 1, batch):
+            yield {"image": [blobs[j] for j in order[i:i + batch]]}
+
+    return make_epoch
+
+
+def sketches_of(uri: str, size: int = 32) -> torch.Tensor:
+    return loop.decode_png_batch(trainer.read_sketch_blobs(uri), 1, size)
+
+
+def spec_for(root: Path, cfg, run: str) -> loop.RunSpec:
+    return loop.RunSpec(kind="train", run_name=run, run_uri=str(root / "runs" / run),
+                        config=cfg.model_dump(mode="json"), sketch_set={"name": "tri", "id": "x"})
+
+
+def test_bare_loop_stopped_and_resumed_matches_straight_run(setup):
+    root, g, d = setup
+    common = [f"model.base_g={g}", f"model.base_d={d}", "train.batch_size=8", "train.checkpoint_every=2",
+              "train.log_every=2", "train.sample_every=100", "train.r1_every=2"]
+    make_epoch = bare_epochs(str(root / "datasets" / "shapes"), 8)  # 3 batches per epoch: resume crosses epochs
+    sk = sketches_of(str(root / "sketchsets" / "tri"))
+
+    straight = tiny_cfg(root, *common, "train.iterations=5")
+    loop.run_worker(spec_for(root, straight, "straight"), make_epoch, sk, device=torch.device("cpu"))
+
+    first = tiny_cfg(root, *common, "train.iterations=4")
+    loop.run_worker(spec_for(root, first, "resumed"), make_epoch, sk, device=torch.device("cpu"))
+    ckpt = loop.load_checkpoint(loop.latest_checkpoint(str(root / "runs" / "resumed")))
+    assert ckpt["iteration"] == 4 and ckpt["data_position"] == {"epoch": 1, "index": 1}
+    loop.run_worker(spec_for(root, straight, "resumed"), make_epoch, sk, device=torch.device("cpu"))
+
+    a = torch.load(root / "runs" / "straight" / "final" / "G.pth", weights_only=True)
+    b = torch.load(root / "runs" / "resumed" / "final" / "G.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    changed = [k for k in a if k.startswith("style.")]
+    base = torch.load(g, weights_only=True)
+    assert any(not torch.equal(a[k], base[k]) for k in changed), "training did not change the mapping network"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    meta = storage.read_json(str(root / "runs" / "resumed" / "final" / "metadata.json"))
+    assert meta["resumed_at"] == [4] and meta["iterations"] == 5
+
+
+def test_image_stream_resumes_at_its_position():
+    def make_epoch(epoch):
+        for i in range(3):
+            yield {"image": [_png(epoch * 10 + i)]}
+
+    s = loop.ImageStream(make_epoch, size=4, batch=1)
+    seen = [_value(next(s)) for _ in range(5)]
+    assert seen == [0, 1, 2, 10, 11]
+    again = loop.ImageStream(make_epoch, size=4, batch=1, **s.position())
+    assert [_value(next(again)) for _ in range(3)] == [12, 20, 21]
+
+
+def test_image_stream_refuses_a_dataset_smaller_than_a_batch():
+    s = loop.ImageStream(lambda epoch: iter(()), size=4, batch=8)
+    with pytest.raises(ValueError, match="fewer rows per worker than one batch"):
+        next(s)
+
+
+def _png(v: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (v, v, v)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _value(x: torch.Tensor) -> int:
+    return round((x[0, 0, 0, 0].item() + 1) * 127.5)
+
+
+def test_small_sketch_set_is_sampled_with_replacement_with_a_warning_naming_it(caplog):
+    sk = torch.arange(2).float().view(2, 1, 1, 1)
+    with caplog.at_level(logging.WARNING, logger="sketchgan.train"):
+        s = loop.SketchSampler(sk, "one-cat", batch=5)
+    assert "one-cat" in caplog.text and "replacement" in caplog.text
+    batch = s.sample(torch.Generator().manual_seed(0))
+    assert batch.shape[0] == 5 and set(batch.flatten().tolist()) <= {0.0, 1.0}
+    big = loop.SketchSampler(torch.arange(6).float().view(6, 1, 1, 1), "six", batch=6)
+    assert sorted(big.sample(torch.Generator().manual_seed(0)).flatten().tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="'none'.*empty"):
+        loop.SketchSampler(torch.zeros(0, 1, 1, 1), "none", batch=2)
+
+
+def test_checkpoints_rotate_and_publish_latest(tmp_path):
+    run = str(tmp_path / "run")
+    for it in (2, 4, 6, 8):
+        loop.save_checkpoint(run, it, {"iteration": it, "x": torch.tensor([it])}, keep=2)
+    names = [u.rsplit("/", 1)[-1] for u in storage.list_files(run + "/checkpoints", ".pt")]
+    assert names == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
+    assert loop.load_checkpoint(loop.latest_checkpoint(run))["iteration"] == 8
+    loop.save_checkpoint(run, 4, {"iteration": 4}, keep=2, name="best")
+    assert storage.read_json(run + "/checkpoints/best.json")["iteration"] == 4
+    assert loop.load_checkpoint(loop.latest_checkpoint(run))["iteration"] == 8
+
+
+# -- validation before any worker starts -----------------------------------------------------------------
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fail the test if anything tries to prepare data or start a trainer."""
+    def boom(*a, **k):
+        raise AssertionError("a worker would have started")
+
+    monkeypatch.setattr(trainer, "prepare_data", boom)
+    monkeypatch.setattr(trainer, "trainer_for", boom)
+
+
+def test_missing_sketch_set_is_refused_by_name(setup, no_workers):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}",
+                   "train.sketch_sets=[{name: tri}, {name: horse-ears}]")
+    with pytest.raises(trainer.TrainingInputError, match="sketch set 'horse-ears' not found"):
+        trainer.train_all(cfg)
+
+
+def test_empty_sketch_set_is_refused_by_name(setup, no_workers):
+    root, g, d = setup
+    write_sketch_set(str(root / "sketchsets" / "blank"), n=0, name="blank")
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: blank}]")
+    with pytest.raises(trainer.TrainingInputError, match="sketch set 'blank'.*empty"):
+        trainer.train_all(cfg)
+
+
+def test_unreadable_base_checkpoint_is_refused_by_name(setup, no_workers):
+    root, g, d = setup
+    bad = root / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    cfg = tiny_cfg(root, f"model.base_g={bad}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]")
+    with pytest.raises(trainer.TrainingInputError, match=r"model\.base_g.*garbage\.pth"):
+        trainer.train_all(cfg)
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={root / 'nope.pth'}", "train.sketch_sets=[{name: tri}]")
+    with pytest.raises(trainer.TrainingInputError, match=r"model\.base_d.*nope\.pth.*does not exist"):
+        trainer.train_all(cfg)
+
+
+def test_mismatched_base_checkpoint_lists_the_differences(setup, no_workers):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "model.style_dim=32",
+                   "train.sketch_sets=[{name: tri}]")
+    with pytest.raises(trainer.TrainingInputError, match=r"(?s)model\.base_g.*netG\.pth.*mis-shaped keys"):
+        trainer.train_all(cfg)
+
+
+def test_missing_dataset_and_indivisible_batch_are_refused(setup, no_workers):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
+                   "data.category=horse")
+    with pytest.raises(trainer.TrainingInputError, match="datasets/horse is missing"):
+        trainer.train_all(cfg)
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
+                   "train.num_workers=3")
+    with pytest.raises(trainer.TrainingInputError, match="batch_size 8 is not divisible by train.num_workers 3"):
+        trainer.train_all(cfg)
+    with pytest.raises(trainer.TrainingInputError, match="datasets/horse is missing"):
+        trainer.pretrain(tiny_cfg(root, "data.category=horse"))
+
+
+def test_continuing_a_run_with_other_settings_is_refused(setup, no_workers):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]")
+    run = root / "runs" / "train-tri"
+    loop.save_checkpoint(str(run), 2, {"iteration": 2}, keep=1)
+    other = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
+                     "train.lr=0.01")
+    storage.write_json(str(run / "run.json"), {"kind": "train", "config": other.model_dump(mode="json"),
+                                               "sketch_set": {"name": "tri"}})
+    with pytest.raises(trainer.TrainingInputError, match=r"train\.lr: 0\.01 -> 0\.002"):
+        trainer.train_all(cfg)
+    with pytest.raises(trainer.TrainingInputError, match="cannot resume run 'train-nothing'"):
+        trainer.train_all(tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.resume=train-nothing"))

@@ -1,0 +1,155 @@
+"""Training through Ray Train on the CPU: pretraining with 2 workers, GANSketching with 1 and 2 workers,
+several sketch sets at once, bf16, a worker killed mid-run, and a run stopped and resumed on request."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_data import write_pairs_dataset, write_sketch_set
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.models import factory
+from pipeline.train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and quick: 4 iterations, checkpoints every 2, R1 on even iterations, 3 batches of 8 per epoch.
+COMMON = ["train.batch_size=8", "train.iterations=4", "train.checkpoint_every=2", "train.log_every=2",
+          "train.sample_every=2", "train.r1_every=2", "train.max_failures=1", "train.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-ray")
+    write_pairs_dataset(str(root / "datasets" / "shapes"), n=24)
+    write_sketch_set(str(root / "sketchsets" / "tri"), n=3, name="tri")
+    write_sketch_set(str(root / "sketchsets" / "tri2"), n=2, name="tri2", seed=5)
+    return root
+
+
+def cfg_for(root: Path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={root}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def base(world):
+    """`sketchgan pretrain` with 2 data-parallel workers; its outputs are the base of every train run."""
+    cfg = cfg_for(world, "pretrain.iterations=3", "pretrain.batch_size=8", "train.num_workers=2",
+                  "train.cpus_per_worker=0.5", "train.log_every=1", "train.checkpoint_every=2")
+    summary = trainer.pretrain(cfg)
+    return summary, cfg
+
+
+@pytest.fixture(scope="module")
+def straight(world, base):
+    """One worker, four iterations straight through: the reference for the resume and kill tests."""
+    summary = trainer.train_all(train_cfg(world, "train.run_prefix=straight"))[0]
+    return summary
+
+
+def train_cfg(root: Path, *overrides: str):
+    final = root / "runs" / "base" / "final"
+    return cfg_for(root, f"model.base_g={final / 'G.pth'}", f"model.base_d={final / 'D.pth'}",
+                   "train.sketch_sets=[{name: tri}]", *COMMON, *overrides)
+
+
+def weights(run_uri: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_uri) / "final" / "G.pth", weights_only=True)
+
+
+def metrics(run_uri: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+
+
+def test_pretrain_with_two_workers_publishes_a_usable_base(base):
+    summary, cfg = base
+    run = summary["run_uri"]
+    meta = summary["metadata"]
+    assert meta["kind"] == "pretrain" and meta["iterations"] == 3
+    assert meta["arch"] == factory.generator_kwargs(cfg.model)
+    for name in ("G.pth", "D.pth", "metadata.json"):
+        assert storage.exists(storage.join(run, "final", name)), name
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) and r["img_per_s"] > 0 for r in rows)
+    G, loaded_meta = factory.load_run_generator(run, "cpu")
+    assert loaded_meta["run_name"] == "base"
+    with torch.no_grad():
+        out = G([torch.randn(2, cfg.model.style_dim)])[0]
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    # EMA G, not the raw G, is published: it differs from the last raw weights in the checkpoint
+    from pipeline.train.loop import latest_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt["iteration"] == 3
+    published = torch.load(Path(run) / "final" / "G.pth", weights_only=True)
+    assert all(torch.equal(published[k], ckpt["step"]["G_ema"][k]) for k in published)
+
+
+def test_train_one_worker_writes_the_run_contract(straight, world):
+    run = straight["run_uri"]
+    meta = straight["metadata"]
+    assert meta["kind"] == "train" and meta["sketch_set"]["name"] == "tri" and meta["sketch_set"]["id"]
+    assert meta["base_g_sha256"] and meta["dataset_manifest_id"] == "tiny-0-24" and meta["resumed_at"] == []
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [2, 4]
+    for key in ("loss_sketch", "loss_d_sketch", "loss_d_image", "it_per_s", "img_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    samples = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "samples"), ".png")]
+    assert samples == ["iter-00000000.png", "iter-00000002.png", "iter-00000004.png"]
+    ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "checkpoints"), ".pt")]
+    assert ckpts == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    base = torch.load(world / "runs" / "base" / "final" / "G.pth", weights_only=True)
+    g = weights(run)
+    assert g.keys() == base.keys()
+    assert any(not torch.equal(g[k], base[k]) for k in g if k.startswith("style."))  # the mapping was trained
+    assert all(torch.equal(g[k], base[k]) for k in g if not k.startswith("style."))  # the rest was not
+
+
+def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, monkeypatch, tmp_path):
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv(trainer.CRASH_ENV, f"3:{marker}")  # die at iteration 3, after the checkpoint at 2
+    summary = trainer.train_all(train_cfg(world, "train.run_prefix=kill"))[0]
+    assert marker.exists(), "the worker never crashed"
+    meta = summary["metadata"]
+    assert meta["resumed_at"] == [2] and meta["final_metrics"]["iteration"] == 4
+    assert [r["iteration"] for r in metrics(summary["run_uri"])] == [2, 4]
+    a, b = weights(straight["run_uri"]), weights(summary["run_uri"])
+    assert all(torch.equal(a[k], b[k]) for k in a), "recovered run differs from the straight run"
+
+
+def test_resume_on_request_matches_the_straight_run(world, straight):
+    first = trainer.train_all(train_cfg(world, "train.run_prefix=stop", "train.iterations=2"))[0]
+    assert first["metadata"]["iterations"] == 2
+    with pytest.raises(trainer.TrainingInputError, match="already finished with 2 iterations.*--resume stop-tri"):
+        trainer.train_all(train_cfg(world, "train.run_prefix=stop"))
+    # sketch sets come from the named run when the config lists none
+    cfg = train_cfg(world, "train.run_prefix=stop", "train.resume=stop-tri", "train.sketch_sets=[]")
+    resumed = trainer.train_all(cfg)[0]
+    assert resumed["metadata"]["resumed_at"] == [2] and resumed["metadata"]["iterations"] == 4
+    a, b = weights(straight["run_uri"]), weights(resumed["run_uri"])
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the straight run"
+    again = trainer.train_all(cfg)[0]  # finished: reused, not retrained
+    assert again["reused"] and again["metadata"]["g_sha256"] == resumed["metadata"]["g_sha256"]
+
+
+def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
+    cfg = train_cfg(world, "train.run_prefix=multi", "train.sketch_sets=[{name: tri}, {name: tri2}]",
+                    "train.num_workers=2", "train.precision=bf16", "train.iterations=2", "train.batch_size=4",
+                    "train.max_concurrent_runs=2")
+    summaries = {s["run_name"]: s for s in trainer.train_all(cfg)}
+    assert set(summaries) == {"multi-tri", "multi-tri2"}
+    for name, s in summaries.items():
+        m = s["metadata"]
+        assert m["config"]["train"]["precision"] == "bf16" and m["config"]["train"]["num_workers"] == 2
+        assert m["sketch_set"]["name"] == name.split("-", 1)[1]
+        for key in ("loss_sketch", "loss_d_sketch", "loss_d_image"):
+            assert math.isfinite(m["final_metrics"][key]), (name, key)
+        assert all(torch.isfinite(t).all() for t in weights(s["run_uri"]).values())
+    assert summaries["multi-tri"]["metadata"]["g_sha256"] != summaries["multi-tri2"]["metadata"]["g_sha256"]
