@@ -213,3 +213,19 @@ def test_bf16_autocast_forward_and_backward():
     logits.float().sum().backward()
     grads = [p.grad for p in G.mapping_parameters()] + [p.grad for p in D.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_gradients_are_exact_including_second_order():
+    # the in-place activations and folded gains must not break autograd: R1 differentiates D twice
+    torch.manual_seed(0)
+    D = Discriminator(8, channel_max=2).double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64).expand(2, 3, 8, 8).clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(D, (x,))
+    assert torch.autograd.gradgradcheck(D, (x,))
+    G = Generator(8, style_dim=4, n_mlp=1, channel_max=4).double()
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith(("noise.weight", "activate.bias")):
+                p.uniform_(0.1, 0.5)
+    z = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: G([z], randomize_noise=False)[0], (z,))
