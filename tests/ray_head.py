@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +29,7 @@ class RayHead:
         self.num_cpus = num_cpus
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
+        self.temp_dir = tempfile.mkdtemp(prefix="rh-")
 
     @property
     def address(self) -> str:
@@ -52,6 +55,9 @@ class RayHead:
         cmd = [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+               # its own temp dir (short: socket paths are length-limited), so it never records itself as
+               # the machine's current cluster for later ray.init() calls to find
+               f"--temp-dir={self.temp_dir}",
                # every port explicit: other Ray instances on the machine must not collide with this one
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -99,3 +105,4 @@ class RayHead:
                 pass
         self.proc = None
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

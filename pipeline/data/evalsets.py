@@ -30,6 +30,7 @@ from pipeline.config import Config
 from pipeline.data.images import decode_png
 from pipeline.data.publish import parquet_bytes, publish_set, read_parquet_table
 from pipeline.names import validate_name
+from pipeline.raysession import ensure_ray
 
 DT_RES = 64  # resolution of the distance transform
 DESC_RES = 32  # descriptor resolution after 2×2 averaging
@@ -76,8 +77,7 @@ def nearest_ids(pairs_uri: str, queries: np.ndarray, n: int) -> list[tuple[str, 
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     fs, path = storage.filesystem(pairs_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "sketch"], partitioning=None)
     scored = ds.map_batches(_score_batch, fn_kwargs={"queries": queries}, batch_format="pyarrow", batch_size=256)

@@ -25,6 +25,7 @@ from pipeline.eval.fid import frechet_distance, kernel_distance
 from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_models
 from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
 from pipeline.eval.resize import PROTOCOL
+from pipeline.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class SampleWorker:
 def _ray_workers(cfg: Config, n_models: int):
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (or the job's cluster) when set, else a local instance
+    ensure_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = ray.cluster_resources().get("CPU", 1)
     ev = cfg.eval

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline import layout, storage
 from pipeline.config import Config, ConfigError, SketchSetSpec, with_overrides
+from pipeline.raysession import ensure_ray
 
 log = logging.getLogger("sketchgan.tune")
 
@@ -271,13 +272,6 @@ def _tuner(plan: SweepPlan, callbacks: list):
     )
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
-
-
 def _value(x) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
 
@@ -339,7 +333,7 @@ def _finish_mlflow(cfg: Config, plan: SweepPlan, parent_id: str | None, rows: li
 def run_sweep(cfg: Config) -> dict[str, Any]:
     """Run (or resume) the configured sweep; returns a summary with one row per trial and the best trial."""
     plan = plan_sweep(cfg)
-    _ensure_ray()
+    ensure_ray()
     parent_id = _parent_run(cfg, plan)
     tuner = _tuner(plan, [_trial_logger(plan.cfg, parent_id)])
     results = tuner.fit()

@@ -1,0 +1,54 @@
+"""One way for every stage to get a Ray connection.
+
+Inside a submitted job (``RAY_ADDRESS`` set) the job's cluster is used; on a laptop, a cluster started
+with ``ray start`` on this machine is joined, else a local instance is started. A stale record of a
+``ray start`` cluster that is no longer running (left by a killed head) would make ``ray.init()`` wait for
+it for minutes: that case starts a local instance instead, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+log = logging.getLogger("sketchgan.ray")
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _recorded_cluster() -> str | None:
+    try:
+        from ray._private.utils import read_ray_address  # what the last `ray start` here recorded
+    except ImportError:
+        return None
+    try:
+        return read_ray_address()
+    except OSError:
+        return None
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_ray() -> None:
+    """Connect to (or start) Ray once per process; workers can import this package."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        recorded = _recorded_cluster()
+        if recorded and not _reachable(recorded):
+            log.warning("the Ray cluster recorded by an earlier `ray start` (%s) is not running: starting a "
+                        "local Ray instance instead", recorded)
+            address = "local"
+    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
