@@ -6,6 +6,7 @@ error names the field (``train.no_such_knob: extra inputs are not permitted``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +29,17 @@ class Section(BaseModel):
 class StorageConfig(Section):
     """Where everything is read and written: a local folder or ``s3://bucket/prefix``."""
 
-    root: str = DEFAULT_ROOT
+    root: str = Field(DEFAULT_ROOT, validate_default=True)
     # Retries (with exponential backoff, inside pyarrow/boto3) for transient S3 failures.
     s3_max_attempts: int = Field(8, ge=1, le=50)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_local_root(cls, v: str) -> str:
+        # Ray workers run in other working directories: a relative root must mean the caller's folder.
+        if "://" in v or not v:
+            return v
+        return os.path.abspath(os.path.expanduser(v))
 
 
 class SketchSetSpec(Section):
@@ -150,6 +159,16 @@ class TrainConfig(Section):
     run_prefix: str = "train"
     resume: str | None = None  # a run name whose latest checkpoint to resume from
 
+    @field_validator("run_prefix")
+    @classmethod
+    def _safe_prefix(cls, v: str) -> str:
+        return validate_name(v, "run prefix")
+
+    @field_validator("resume")
+    @classmethod
+    def _safe_resume(cls, v: str | None) -> str | None:
+        return v if v is None else validate_name(v, "run name")
+
     @field_validator("augment")
     @classmethod
     def _known_policies(cls, v: str) -> str:
@@ -202,6 +221,11 @@ class RegistryConfig(Section):
     model_prefix: str = "sketchgan"
     auto_register: bool = True  # register each finished customisation
     champion_alias: str = "champion"
+
+    @field_validator("model_prefix")
+    @classmethod
+    def _safe_model_prefix(cls, v: str) -> str:
+        return validate_name(v, "registered model prefix")
 
 
 class EvalConfig(Section):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import Config, ConfigError, load_config, with_overrides
@@ -16,7 +18,14 @@ def test_defaults_are_the_papers_settings():
     assert cfg.train.r1_gamma == 10 and cfg.train.r1_every == 16
     assert (cfg.train.lr, cfg.train.beta1, cfg.train.beta2) == (0.002, 0.0, 0.99)
     assert cfg.train.mixing == 0.9 and cfg.train.trained == "mapping"
-    assert cfg.storage.root == ".sketchgan"
+    assert cfg.storage.root == str(Path.cwd() / ".sketchgan")
+
+
+def test_local_roots_are_made_absolute_so_ray_workers_agree(tmp_path, monkeypatch):
+    # Ray Train workers run in their own working directory: a relative root must not follow them there.
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["storage.root=out/here"]).storage.root == str(tmp_path / "out" / "here")
+    assert load_config(None, ["storage.root=s3://bucket/prefix"]).storage.root == "s3://bucket/prefix"
 
 
 def test_yaml_and_overrides(tmp_path):
