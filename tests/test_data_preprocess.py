@@ -114,6 +114,7 @@ def test_s3_prefix_of_image_files(ray_local, s3_bucket):
         lsun.read_source(f"s3://{s3_bucket}/nothing-here")
 
 
+@pytest.mark.reliability
 def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -153,6 +154,7 @@ def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_p
     assert _hidden_leftovers(out.parent) == []
 
 
+@pytest.mark.reliability
 def test_too_many_bad_records_fail_and_keep_the_old_dataset(ray_local, lmdbs, clean_dataset, capsys):
     from pipeline.cli import main
 
@@ -242,6 +244,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.reliability
 def test_killed_driver_leaves_nothing_visible(ray_local, tmp_path):
     import ray
 

@@ -16,6 +16,8 @@ yields the same rows and replaces the dataset (no duplicates).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -31,6 +33,7 @@ import pyarrow as pa
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.data.images import BadRecord, encode_png, load_image
+from pipeline.raysession import ensure_ray
 
 log = logging.getLogger("sketchgan.data")
 
@@ -233,6 +236,38 @@ def _staging_for(out: str) -> str:
     return storage.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
 
 
+@contextlib.contextmanager
+def _staging_lock(staging: str):
+    """Hold an exclusive lock beside a local staging folder while this run uses it: a driver that dies (even by
+    SIGKILL) releases it, which is how a later run knows the folder is abandoned (see `_sweep_abandoned`)."""
+    if storage.is_s3(staging):
+        yield
+        return
+    lock = storage._local_path(staging).absolute().with_name(storage._local_path(staging).name + ".lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _sweep_abandoned(out: str) -> None:
+    """Remove the staging folders beside a local ``out`` left by runs whose driver died (their lock is free)."""
+    if storage.is_s3(out):
+        return
+    dest = storage._local_path(out).absolute()
+    for lock in dest.parent.glob(f".{dest.name}.staging-*.lock"):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live run holds it
+            log.info("removing %s, left by an interrupted run", lock.with_suffix(""))
+            storage.delete_prefix(str(lock.with_suffix("")))
+            lock.unlink(missing_ok=True)
+
+
 def build_pipeline(cfg: Config, staging: str):
     """(dataset to write, datasink, input fingerprint, sketcher fingerprint, actor plan) for ``cfg.data``."""
     import ray.data
@@ -262,7 +297,6 @@ def build_pipeline(cfg: Config, staging: str):
 
 def preprocess(cfg: Config) -> str:
     """Run the stage for ``cfg.data`` and publish the dataset; returns the summary line."""
-    import ray
 
     from pipeline.models.sketchers import build_sketcher
 
@@ -273,44 +307,51 @@ def preprocess(cfg: Config) -> str:
     build_sketcher(d.sketcher, d.sketcher_weights)  # a bad name or unusable weights fail here, before any work
     staging = _staging_for(out)
     storage.ensure_writable(staging.rsplit("/", 1)[0])
-    if not ray.is_initialized():
-        ray.init()
+    _sweep_abandoned(out)
+    ensure_ray()
     t0 = time.time()
     try:
-        ds, sink, input_fp, fingerprint, plan = build_pipeline(cfg, staging)
-        log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each", d.source, out, plan["actors"],
-                 plan["threads"])
-        ds.write_datasink(sink)
-        result = sink.result or {"rows": 0, "pairs": 0, "errors": 0, "examples": [], "files": []}
-        counts = {"rows_in": result["rows"], "rows_out": result["pairs"], "errors": result["errors"]}
-        if counts["rows_in"] == 0:
-            raise PreprocessError(f"the source {d.source} yielded no records")
-        rate = counts["errors"] / counts["rows_in"]
-        for key, reason in result["examples"][:10]:
-            log.warning("bad record %s: %s", key, reason)
-        if rate > d.max_error_rate:
-            examples = "; ".join(f"{k}: {r}" for k, r in result["examples"][:5])
-            raise PreprocessError(
-                f"{counts['errors']} of {counts['rows_in']} records from {d.source} are bad ({rate:.2%} > "
-                f"data.max_error_rate {d.max_error_rate:.2%}); nothing was published. First ones: {examples}")
-        files = result["files"]
-        if not any(f.startswith("errors/") for f in files):  # keep errors/ readable with its schema
-            _write_empty_errors(storage.join(staging, "errors", "part-none.parquet"))
-            files = [*files, "errors/part-none.parquet"]
-        elapsed = time.time() - t0
-        manifest = {
-            "id": dataset_id(d.category, d.size, fingerprint, input_fp), "format_version": FORMAT_VERSION,
-            "category": d.category, "size": d.size, "sketcher": fingerprint, "source": d.source, "limit": d.limit,
-            "input_fingerprint": input_fp, "counts": counts, "rows": counts["rows_out"],
-            "config": d.model_dump(mode="json"), "files": files, "seconds": round(elapsed, 2),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        _publish(staging, out, manifest)
+        with _staging_lock(staging):
+            counts, rate, elapsed = _run(cfg, d, out, staging, t0)
     except BaseException:
         storage.delete_prefix(staging)
         raise
     return (f"{counts['rows_in']} records in, {counts['rows_out']} pairs out, {counts['errors']} errors "
             f"({rate:.2%}), {counts['rows_in'] / max(elapsed, 1e-9):.1f} images/s over {elapsed:.1f}s -> {out}")
+
+
+def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float, float]:
+    """Build, run and publish the dataset (the body of `preprocess`, inside its staging lock)."""
+    ds, sink, input_fp, fingerprint, plan = build_pipeline(cfg, staging)
+    log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each", d.source, out, plan["actors"],
+             plan["threads"])
+    ds.write_datasink(sink)
+    result = sink.result or {"rows": 0, "pairs": 0, "errors": 0, "examples": [], "files": []}
+    counts = {"rows_in": result["rows"], "rows_out": result["pairs"], "errors": result["errors"]}
+    if counts["rows_in"] == 0:
+        raise PreprocessError(f"the source {d.source} yielded no records")
+    rate = counts["errors"] / counts["rows_in"]
+    for key, reason in result["examples"][:10]:
+        log.warning("bad record %s: %s", key, reason)
+    if rate > d.max_error_rate:
+        examples = "; ".join(f"{k}: {r}" for k, r in result["examples"][:5])
+        raise PreprocessError(
+            f"{counts['errors']} of {counts['rows_in']} records from {d.source} are bad ({rate:.2%} > "
+            f"data.max_error_rate {d.max_error_rate:.2%}); nothing was published. First ones: {examples}")
+    files = result["files"]
+    if not any(f.startswith("errors/") for f in files):  # keep errors/ readable with its schema
+        _write_empty_errors(storage.join(staging, "errors", "part-none.parquet"))
+        files = [*files, "errors/part-none.parquet"]
+    elapsed = time.time() - t0
+    manifest = {
+        "id": dataset_id(d.category, d.size, fingerprint, input_fp), "format_version": FORMAT_VERSION,
+        "category": d.category, "size": d.size, "sketcher": fingerprint, "source": d.source, "limit": d.limit,
+        "input_fingerprint": input_fp, "counts": counts, "rows": counts["rows_out"],
+        "config": d.model_dump(mode="json"), "files": files, "seconds": round(elapsed, 2),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _publish(staging, out, manifest)
+    return counts, rate, elapsed
 
 
 def _write_empty_errors(uri: str) -> None:
