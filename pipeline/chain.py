@@ -194,8 +194,8 @@ def print_where_to_look(cfg: Config, report: ChainReport) -> None:
         print(f"  benchmark table:  {storage.join(report.benchmark_uri, 'results.md')}")
         print(f"  FID chart:        {storage.join(report.benchmark_uri, 'fid.png')}")
     try:
-        from pipeline.registry.tracking import tracking_uri
+        from pipeline.registry.tracking import scrub_text, tracking_uri
 
-        print(f"  MLflow UI:        mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+        print(f"  MLflow UI:        mlflow ui --backend-store-uri {scrub_text(tracking_uri(cfg))}")
     except ImportError:
         pass

@@ -125,6 +125,7 @@ def _value(x: torch.Tensor) -> int:
     return round((x[0, 0, 0, 0].item() + 1) * 127.5)
 
 
+@pytest.mark.reliability
 def test_small_sketch_set_is_sampled_with_replacement_with_a_warning_naming_it(caplog):
     sk = torch.arange(2).float().view(2, 1, 1, 1)
     with caplog.at_level(logging.WARNING, logger="sketchgan.train"):
@@ -161,6 +162,7 @@ def no_workers(monkeypatch):
     monkeypatch.setattr(trainer, "trainer_for", boom)
 
 
+@pytest.mark.reliability
 def test_missing_sketch_set_is_refused_by_name(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}",
@@ -169,6 +171,7 @@ def test_missing_sketch_set_is_refused_by_name(setup, no_workers):
         trainer.train_all(cfg)
 
 
+@pytest.mark.reliability
 def test_empty_sketch_set_is_refused_by_name(setup, no_workers):
     root, g, d = setup
     write_sketch_set(str(root / "sketchsets" / "blank"), n=0, name="blank")
@@ -177,6 +180,7 @@ def test_empty_sketch_set_is_refused_by_name(setup, no_workers):
         trainer.train_all(cfg)
 
 
+@pytest.mark.reliability
 def test_unreadable_base_checkpoint_is_refused_by_name(setup, no_workers):
     root, g, d = setup
     bad = root / "garbage.pth"
@@ -189,6 +193,7 @@ def test_unreadable_base_checkpoint_is_refused_by_name(setup, no_workers):
         trainer.train_all(cfg)
 
 
+@pytest.mark.reliability
 def test_mismatched_base_checkpoint_lists_the_differences(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "model.style_dim=32",

@@ -112,6 +112,7 @@ def test_train_one_worker_writes_the_run_contract(straight, world):
     assert all(torch.equal(g[k], base[k]) for k in g if not k.startswith("style."))  # the rest was not
 
 
+@pytest.mark.reliability
 def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, monkeypatch, tmp_path):
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(trainer.CRASH_ENV, f"3:{marker}")  # die at iteration 3, after the checkpoint at 2
@@ -153,3 +154,25 @@ def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
             assert math.isfinite(m["final_metrics"][key]), (name, key)
         assert all(torch.isfinite(t).all() for t in weights(s["run_uri"]).values())
     assert summaries["multi-tri"]["metadata"]["g_sha256"] != summaries["multi-tri2"]["metadata"]["g_sha256"]
+
+
+def test_train_command_registers_finished_runs_once(world, straight, tmp_path, capsys):
+    """`sketchgan train` logs and registers what it trained; run again, it reuses the finished run and
+    registers nothing twice (the way to catch up after an MLflow outage)."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipeline import cli
+    from pipeline.registry import tracking
+
+    cfg = train_cfg(world, "train.run_prefix=straight")
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    for _ in range(2):
+        assert cli.main(["train", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "straight-tri:" in out and "(already finished)" in out
+        assert f"{straight['run_uri']}: registered as models:/sketchgan-shapes-tri/1" in out
+    mlf = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    versions = mlf.search_model_versions("name = 'sketchgan-shapes-tri'")
+    assert [v.version for v in versions] == ["1"]

@@ -36,6 +36,7 @@ def world(root: Path, *overrides: str):
                                 *overrides])
 
 
+@pytest.mark.reliability
 def test_sweep_settings_are_checked_before_anything_runs(tmp_path):
     from pipeline.tune.sweep import SweepError, plan_sweep
 

@@ -260,8 +260,8 @@ def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
             else:
                 raise ValueError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         except MlflowException as exc:
-            raise LookupError(f"{ref}: not found in the registry at {mlf.tracking_uri} "
-                              f"({exc.message.splitlines()[0]})") from None
+            raise LookupError(tracking.scrub_text(f"{ref}: not found in the registry at {mlf.tracking_uri} "
+                                                  f"({exc.message.splitlines()[0]})")) from None
         return _from_version(mlf, v)
     if ref.endswith(".pth"):
         meta_uri = storage.join(ref.rsplit("/", 1)[0], "metadata.json") if "/" in ref else "metadata.json"
@@ -315,7 +315,8 @@ def cli_list(cfg: Config, args) -> int:
     """`sketchgan models list`."""
     lines = model_lines(cfg)
     if not lines:
-        print(f"no registered models named {cfg.registry.model_prefix}-* in {tracking.tracking_uri(cfg)}")
+        print(f"no registered models named {cfg.registry.model_prefix}-* in "
+              f"{tracking.scrub_text(tracking.tracking_uri(cfg))}")
     for line in lines:
         print(line)
     return 0
@@ -336,7 +337,10 @@ def track_runs(cfg: Config, run_uris: list[str], register: bool | None = None) -
             else:
                 lines.append(f"{uri}: logged to MLflow run {tracking.log_run(cfg, uri)}")
         except Exception as exc:  # noqa: BLE001 - the run is safe in storage; say so and how to retry
-            log.warning("MLflow: could not log %s (%s); the run is complete in storage, retry with "
-                        "pipeline.registry.mlflow_registry.track_runs", uri, exc)
-            lines.append(f"{uri}: not logged to MLflow ({str(exc).splitlines()[0]})")
+            # MLflow's errors quote the tracking URI, credentials included: mask them
+            reason = tracking.scrub_text(str(exc))
+            log.warning("MLflow: could not log %s (%s); the run is complete in storage: run the same command "
+                        "again once MLflow is reachable (finished runs are reused, then logged and registered "
+                        "once)", uri, reason)
+            lines.append(f"{uri}: not logged to MLflow ({reason.splitlines()[0] if reason else type(exc).__name__})")
     return lines

@@ -27,6 +27,7 @@ from typing import Any
 from pipeline import layout, storage
 from pipeline.config import Config, SketchSetSpec
 from pipeline.models import factory
+from pipeline.raysession import ensure_ray
 from pipeline.train.loop import RunSpec, TestHooks
 
 log = logging.getLogger("sketchgan.train")
@@ -101,6 +102,39 @@ def sketch_set_manifest(cfg: Config, spec: SketchSetSpec) -> dict:
     if int(man.get("count", 0) or 0) <= 0:
         raise TrainingInputError(f"sketch set {spec.name!r} at {uri} is empty (manifest count 0)")
     return man
+
+
+def check_sketches(cfg: Config, spec: SketchSetSpec, man: dict) -> None:
+    """Decode every sketch on the driver (a sketch set is small), so an unreadable one fails before any worker
+    starts, naming the set and the sketch. Sketches of another size are resized to ``model.size`` by the
+    workers: say so, naming the set."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.images import BadRecord, open_image
+
+    uri = storage.join(sketch_set_uri(cfg, spec), "sketches.parquet")
+    fs, path = storage.filesystem(uri)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+        ids, blobs = table.column("id").to_pylist(), table.column("sketch").to_pylist()
+    except (OSError, KeyError, ValueError) as exc:
+        raise TrainingInputError(f"sketch set {spec.name!r}: cannot read columns 'id' and 'sketch' of {uri} "
+                                 f"({exc})") from None
+    if not blobs:
+        raise TrainingInputError(f"sketch set {spec.name!r} at {uri} is empty (no rows)")
+    sizes = set()
+    for rid, blob in zip(ids, blobs):
+        try:
+            with open_image(blob or b"", cfg.data.max_image_pixels) as im:
+                sizes.add(im.size)
+        except BadRecord as exc:
+            raise TrainingInputError(f"sketch set {spec.name!r}: sketch {rid!r} in {uri} is unusable "
+                                     f"({exc.reason})") from None
+    other = sorted(s for s in sizes if s != (cfg.model.size, cfg.model.size))
+    if other:
+        log.warning("sketch set %r holds sketches of %s px, not model.size %d: they are resized to %dx%d",
+                    spec.name, ", ".join(f"{w}x{h}" for w, h in other), cfg.model.size, cfg.model.size,
+                    cfg.model.size)
 
 
 def check_base_checkpoints(cfg: Config) -> str:
@@ -197,6 +231,7 @@ def plan_train_run(cfg: Config, sketch: SketchSetSpec, run_name: str | None = No
                    base_g_sha: str | None = None) -> tuple[RunPlan, str]:
     """Validate one sketch set's run (inputs and resumable state); returns (plan, state)."""
     man = sketch_set_manifest(cfg, sketch)
+    check_sketches(cfg, sketch, man)
     dataset_uri = layout.dataset_uri(cfg)
     needs_images = cfg.train.lambda_image > 0
     ds_man = dataset_manifest(dataset_uri) if needs_images else {}
@@ -437,13 +472,6 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
     )
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
-
-
 def fit_plan(plan: RunPlan, state: str = "new", data: dict[str, Any] | None = None,
              callbacks: list | None = None) -> dict[str, Any]:
     """Run (or reuse) one planned run to completion; returns a summary with its final metadata."""
@@ -452,7 +480,7 @@ def fit_plan(plan: RunPlan, state: str = "new", data: dict[str, Any] | None = No
         log.info("%s already finished at %s: reusing it", spec.run_name, spec.run_uri)
         return {"run_name": spec.run_name, "run_uri": spec.run_uri, "reused": True,
                 "metadata": storage.read_json(storage.join(spec.run_uri, "final", "metadata.json"))}
-    _ensure_ray()
+    ensure_ray()
     if data is None:
         data = prepare_data([plan])[plan.run_name]
     meta_uri = storage.join(spec.run_uri, "final", "metadata.json")
@@ -486,7 +514,7 @@ def train_all(cfg: Config) -> list[dict[str, Any]]:
     plans = plan_train(cfg)  # every input of every run checked before any worker starts
     todo = [plan for plan, state in plans if state != "finished"]
     if todo:
-        _ensure_ray()
+        ensure_ray()
     data = prepare_data(todo) if todo else {}
     workers = max(1, min(cfg.train.max_concurrent_runs, len(plans)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
@@ -524,7 +552,17 @@ def train_cli(cfg: Config, args) -> int:
     for s in summaries:
         tag = " (already finished)" if s["reused"] else ""
         print(f"{s['run_name']}: {storage.join(s['run_uri'], 'final', 'G.pth')}{tag} {_metrics_line(s)}".rstrip())
+    _track([s["run_uri"] for s in summaries], cfg)
     return 0
+
+
+def _track(run_uris: list[str], cfg: Config) -> None:
+    """Log finished runs to MLflow and register customisations (idempotent: a re-run of the command after an
+    MLflow outage registers what is missing and duplicates nothing)."""
+    from pipeline.registry.mlflow_registry import track_runs
+
+    for line in track_runs(cfg, run_uris):
+        print(line, flush=True)
 
 
 def pretrain_cli(cfg: Config, args) -> int:
@@ -532,4 +570,5 @@ def pretrain_cli(cfg: Config, args) -> int:
     final = storage.join(s["run_uri"], "final")
     tag = " (already finished)" if s["reused"] else ""
     print(f"base model{tag}: model.base_g={storage.join(final, 'G.pth')} model.base_d={storage.join(final, 'D.pth')}")
+    _track([s["run_uri"]], cfg)
     return 0
