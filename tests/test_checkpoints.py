@@ -35,6 +35,7 @@ def test_manifest_shaped_dicts_load_strict():
     load_into(Discriminator(256), deterministic_state_dict("D256"), source="D256")
 
 
+@pytest.mark.reliability
 def test_mismatch_lists_every_problem(tmp_path):
     sd = deterministic_state_dict("D256")
     sd.pop("final_linear.1.bias")
@@ -59,6 +60,7 @@ class _Evil:
         return (os.system, (f"touch {self.target}",))
 
 
+@pytest.mark.reliability
 def test_pickled_objects_are_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -69,6 +71,7 @@ def test_pickled_objects_are_refused_not_executed(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.reliability
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
@@ -80,6 +83,7 @@ def test_not_a_state_dict(tmp_path):
         load_state_dict(nested)
 
 
+@pytest.mark.reliability
 def test_garbage_empty_and_missing_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth: not a readable PyTorch file"):

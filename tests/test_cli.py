@@ -36,6 +36,7 @@ def test_subcommand_help_shows_config_and_set(name, capsys):
     assert "--config" in out and "--set" in out
 
 
+@pytest.mark.reliability
 def test_unknown_key_exits_nonzero_naming_it(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  no_such_knob: 1\n")

@@ -37,17 +37,20 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.train.augment == "translation,cutout"
 
 
+@pytest.mark.reliability
 def test_unknown_key_is_named(tmp_path):
     p = write(tmp_path, "train:\n  no_such_knob: 3\n")
     with pytest.raises(ConfigError, match=r"train\.no_such_knob: extra inputs are not permitted"):
         load_config(p)
 
 
+@pytest.mark.reliability
 def test_unknown_section_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"trian: extra inputs are not permitted"):
         load_config(write(tmp_path, "trian:\n  iterations: 3\n"))
 
 
+@pytest.mark.reliability
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.iterations: input should be a valid integer"):
         load_config(write(tmp_path, "train:\n  iterations: lots\n"))
@@ -58,11 +61,13 @@ def test_wrong_type_is_named(tmp_path):
     [("train.lambda_image=-1", "train.lambda_image"), ("model.size=48", "model.size"),
      ("data.max_error_rate=1.5", "data.max_error_rate"), ("train.iterations=0", "train.iterations")],
 )
+@pytest.mark.reliability
 def test_out_of_range_is_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
 
 
+@pytest.mark.reliability
 def test_unknown_augmentation_and_sketcher_are_named():
     with pytest.raises(ConfigError, match="unknown augmentation policy 'rotate'"):
         load_config(None, ["train.augment=translation,rotate"])
@@ -70,6 +75,7 @@ def test_unknown_augmentation_and_sketcher_are_named():
         load_config(None, ["data.sketcher=crayon"])
 
 
+@pytest.mark.reliability
 def test_unsafe_names_refused():
     with pytest.raises(ConfigError, match=r"sketch set name '\.\./evil' is not allowed"):
         load_config(None, ["train.sketch_sets=[{name: ../evil}]"])
@@ -77,6 +83,7 @@ def test_unsafe_names_refused():
         load_config(None, ["pretrain.run_name=a/b"])
 
 
+@pytest.mark.reliability
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: not found"):
         load_config(tmp_path / "nope.yaml")

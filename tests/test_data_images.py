@@ -23,6 +23,7 @@ def planted():
     return synthetic.planted_records(32)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("key", ["odd-cmyk", "odd-rgba", "odd-palette", "odd-16bit", "odd-grey", "odd-tiny"])
 def test_odd_modes_become_rgb_of_the_requested_size(planted, key):
     arr = load_image(planted[key][0], 24, "RGB")
@@ -33,17 +34,20 @@ def test_odd_modes_become_rgb_of_the_requested_size(planted, key):
 @pytest.mark.parametrize("key,reason", [("bad-empty", "empty value"), ("bad-corrupt", "undecodable"),
                                         ("bad-truncated", "undecodable|truncated"),
                                         ("bad-bomb", "decompression bomb refused")])
+@pytest.mark.reliability
 def test_bad_values_are_refused_with_a_reason(planted, key, reason):
     with pytest.raises(BadRecord, match=reason):
         load_image(planted[key][0], 24)
 
 
+@pytest.mark.reliability
 def test_truncated_png_is_refused_not_padded():
     data = _png(Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)))
     with pytest.raises(BadRecord, match="truncated|undecodable"):
         load_image(data[: len(data) * 2 // 3], 16)
 
 
+@pytest.mark.reliability
 def test_bomb_is_refused_from_its_header_without_decoding(monkeypatch):
     def no_decoding(self):
         raise AssertionError("pixels were decoded")
@@ -58,6 +62,7 @@ def test_bomb_is_refused_from_its_header_without_decoding(monkeypatch):
         images.open_image(synthetic.bomb_png())
 
 
+@pytest.mark.reliability
 def test_transparent_areas_become_white_and_16_bit_is_scaled():
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (10, 20, 30, 255))

@@ -66,6 +66,7 @@ def test_sketch_set_from_drawings(tmp_path, drawings):
     assert create_sketch_set(_cfg(), "mine", from_dir=str(drawings), out=str(tmp_path / "x"))["id"] != man["id"]
 
 
+@pytest.mark.reliability
 def test_sketch_set_refusals_name_the_culprit(tmp_path, drawings):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -106,6 +107,7 @@ def _lines_dataset(uri: str) -> dict[str, str]:
     return {**dict(zip(keys, labels)), **dict(zip(ids, labels))}
 
 
+@pytest.mark.reliability
 def test_sketch_set_from_ids_and_refusals(tmp_path):
     dataset = str(tmp_path / "dataset")
     labels = _lines_dataset(dataset)

@@ -4,6 +4,7 @@ import torch
 from pipeline.models.diffaug import DiffAugment, color, cutout, parse_policy, translation
 
 
+@pytest.mark.reliability
 def test_unknown_policy_named():
     with pytest.raises(ValueError, match="'rotate'"):
         DiffAugment("translation,rotate")

@@ -63,6 +63,7 @@ def _container_envs(doc) -> list[dict]:
     return found
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
 def test_every_ray_container_keeps_token_auth(name):
     envs = _container_envs(load_all(INFRA / name)[0])
@@ -72,6 +73,7 @@ def test_every_ray_container_keeps_token_auth(name):
         assert "RAY_AUTH_TOKEN" in env  # from a secret, never a literal in the repo
 
 
+@pytest.mark.reliability
 def test_no_infra_file_disables_auth():
     for path in INFRA.rglob("*"):
         if path.is_file():
@@ -81,6 +83,7 @@ def test_no_infra_file_disables_auth():
             assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*[:=]\s*['\"]?\w{16,}", text), path
 
 
+@pytest.mark.reliability
 def test_cluster_launcher_starts_ray_with_token_auth():
     cfg = load_all(INFRA / "aws/cluster.yaml")[0]
     assert cfg["provider"]["type"] == "aws"
@@ -108,6 +111,7 @@ def test_dockerfile_copies_existing_paths_and_installs_project():
     assert "RAY_AUTH_MODE=token" in text
 
 
+@pytest.mark.reliability
 def test_runtime_env_keeps_secrets_out():
     env = load_all(INFRA / "runtime_env.yaml")[0]
     for key in env.get("env_vars", {}):

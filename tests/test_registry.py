@@ -167,6 +167,7 @@ def test_register_refuses_unfinished_and_base_runs(tmp_path):
         reg.register_run(cfg, base)
 
 
+@pytest.mark.reliability
 def test_log_run_idempotent_scrubbed_and_unfinished(tmp_path, monkeypatch):
     from pipeline.registry import tracking
 
@@ -257,6 +258,7 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(backend, tmp_path, capsys)
     assert "truncation" in capsys.readouterr().err
 
 
+@pytest.mark.reliability
 def test_track_runs_logs_registers_and_survives_an_unreachable_server(tmp_path, monkeypatch):
     from pipeline.registry import mlflow_registry as reg
 

@@ -39,6 +39,7 @@ def test_photosketch_needs_weights_and_loads_them(tmp_path):
     assert len(sketcher_fingerprint("photosketch", str(path))) == len("photosketch:") + 64
 
 
+@pytest.mark.reliability
 def test_unknown_sketcher_named():
     with pytest.raises(ValueError, match="unknown sketcher 'crayon'"):
         build_sketcher("crayon")

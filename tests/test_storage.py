@@ -46,6 +46,7 @@ def test_overwrite_is_all_or_nothing(root):
     assert storage.list_files(root) == [uri]
 
 
+@pytest.mark.reliability
 def test_failed_local_write_leaves_old_content(tmp_path, monkeypatch):
     uri = str(tmp_path / "f.bin")
     storage.write_bytes(uri, b"old")
@@ -60,6 +61,7 @@ def test_failed_local_write_leaves_old_content(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
+@pytest.mark.reliability
 def test_failed_s3_upload_leaves_old_object(s3_endpoint, s3_bucket):
     uri = f"s3://{s3_bucket}/ckpt/latest.pt"
     storage.write_bytes(uri, b"previous")
@@ -108,6 +110,7 @@ def test_pyarrow_filesystem_reads_parquet(root):
     assert pq.read_table(path, filesystem=fs).column("id").to_pylist() == [1, 2, 3]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("uri", ["gs://bucket/x", "http://example/x", "ftp://h/p"])
 def test_unsupported_scheme_named(uri):
     with pytest.raises(StorageError, match="unsupported scheme"):
@@ -119,6 +122,7 @@ def test_s3_uri_needs_bucket():
         storage.filesystem("s3:///key")
 
 
+@pytest.mark.reliability
 def test_unwritable_root_is_named(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
