@@ -30,8 +30,8 @@ class StorageConfig(Section):
     """Where everything is read and written: a local folder or ``s3://bucket/prefix``."""
 
     root: str = Field(DEFAULT_ROOT, validate_default=True)
-    # Retries (with exponential backoff, inside pyarrow/boto3) for transient S3 failures.
-    s3_max_attempts: int = Field(8, ge=1, le=50)
+    # S3 retries (exponential backoff inside boto3/pyarrow) are set per process by SKETCHGAN_S3_MAX_ATTEMPTS
+    # (default 8), so that Ray workers, which read no config of their own, retry alike.
 
     @field_validator("root")
     @classmethod
