@@ -196,7 +196,11 @@ def test_registry_refs_and_champions_resolve(tmp_path, monkeypatch):
     from pipeline.eval.benchmark import record_version_fids
 
     fake = _FakeRegistry()
+    import pipeline.registry
+
     monkeypatch.setitem(sys.modules, "pipeline.registry.mlflow_registry", fake)
+    # `from pipeline.registry import mlflow_registry` takes the package attribute once the module was imported
+    monkeypatch.setattr(pipeline.registry, "mlflow_registry", fake, raising=False)
     cfg = with_overrides(Config(), [f"storage.root={tmp_path}",
                                     "eval.models=[{model: 'models:/sketchgan-cat-a@champion'}]"])
     [spec] = resolve_models(cfg)

@@ -175,4 +175,4 @@ def test_train_command_registers_finished_runs_once(world, straight, tmp_path, c
         assert f"{straight['run_uri']}: registered as models:/sketchgan-shapes-tri/1" in out
     mlf = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     versions = mlf.search_model_versions("name = 'sketchgan-shapes-tri'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]

@@ -196,7 +196,8 @@ def actor_plan(cfg: Config) -> dict[str, Any]:
         return {"actors": d.num_actors or gpus, "num_cpus": 1.0, "num_gpus": 1.0, "threads": d.actor_threads or 2,
                 "separate_decode": True}
     per_node = int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else node_cpus()
-    return {"actors": d.num_actors or max(1, len(nodes)), "num_cpus": float(max(1, per_node - 1)),
+    # A one-CPU node: the actor reserves nothing, or it would hold the only CPU and starve the reads it waits for.
+    return {"actors": d.num_actors or max(1, len(nodes)), "num_cpus": float(max(0, per_node - 1)),
             "num_gpus": 0.0, "threads": d.actor_threads or per_node, "separate_decode": False}
 
 

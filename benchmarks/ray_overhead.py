@@ -1,0 +1,152 @@
+"""The GANSketching step rate inside Ray Train beside the bare loop, at the same config, in one run.
+
+Both sides run the same per-worker loop (`pipeline.train.loop.run_worker`) on the same inputs: a dataset
+preprocessed from generated shapes, a sketch set of triangles and a random base G/D at `configs/tiny.yaml`
+(32 px). The bare side calls it in this process, reading real images straight from the Parquet files with
+pyarrow; the Ray Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images
+streamed from a Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the
+first interval (warm-up) left out. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
+
+    python benchmarks/ray_overhead.py [--iterations 120] [--log-every 10] [--batch 8] [--cpus N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_world(root: Path, cpus: int, args) -> object:
+    """Data, a sketch set and a random base in the stage contracts; returns the training config."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data import synthetic
+    from pipeline.data.preprocess import preprocess
+    from pipeline.data.sketchsets import create_sketch_set
+    from pipeline.models import factory
+    from pipeline.models.checkpoints import save_state_dict
+
+    labels = synthetic.write_shapes_lmdb(str(root / "lsun" / "shapes"), n=96, size=32, seed=0)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"storage.root={root}", f"data.source={root / 'lsun' / 'shapes'}",
+        f"train.iterations={args.iterations}", f"train.log_every={args.log_every}",
+        f"train.batch_size={args.batch}", f"train.checkpoint_every={args.iterations}",
+        f"train.sample_every={args.iterations}", f"train.cpus_per_worker={cpus}",
+        "train.sketch_sets=[{name: triangles}]"])
+    preprocess(cfg)
+    ids = root / "triangles.txt"
+    ids.write_text("\n".join([k for k, v in labels.items() if v == "triangle"][:8]) + "\n")
+    create_sketch_set(cfg, "triangles", from_ids=str(ids))
+    arch = factory.generator_kwargs(cfg.model)
+    torch.manual_seed(0)
+    save_state_dict(factory.build_generator(arch), root / "base" / "G.pth")
+    save_state_dict(factory.build_discriminator(arch), root / "base" / "D.pth")
+    from pipeline.config import with_overrides
+
+    return with_overrides(cfg, [f"model.base_g={root / 'base' / 'G.pth'}",
+                                f"model.base_d={root / 'base' / 'D.pth'}"])
+
+
+def interval_rates(run_uri: str) -> list[float]:
+    from pipeline import storage
+
+    rows = [json.loads(line) for line in storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+    return [r["it_per_s"] for r in rows]
+
+
+def run_bare(cfg, threads: int) -> tuple[float, list[float]]:
+    """The loop in this process: images read from the Parquet files with pyarrow, no Ray anywhere."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from pipeline import storage
+    from pipeline.train import trainer
+    from pipeline.train.loop import decode_png_batch, run_worker
+
+    torch.set_num_threads(threads)
+    plan, _ = trainer.plan_train_run(cfg, cfg.train.sketch_sets[0], run_name="bare-triangles",
+                                     base_g_sha=trainer.check_base_checkpoints(cfg))
+    fs, path = storage.filesystem(trainer.pairs_uri(plan.dataset_uri))
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    batch = cfg.train.batch_size
+
+    def make_epoch(epoch: int):
+        for rb in dataset.to_batches(columns=["image"], batch_size=batch):
+            images = rb.column("image").to_numpy(zero_copy_only=False)
+            for start in range(0, len(images) - batch + 1, batch):  # drop_last, as the Ray Data shard does
+                yield {"image": images[start:start + batch]}
+
+    sketches = decode_png_batch(trainer.read_sketch_blobs(plan.sketchset_uri), 1, cfg.model.size)
+    t0 = time.perf_counter()
+    run_worker(plan.spec, make_epoch, sketches)
+    return time.perf_counter() - t0, interval_rates(plan.spec.run_uri)
+
+
+def run_ray_train(cfg, cpus: int) -> tuple[float, list[float]]:
+    import ray
+
+    from pipeline.config import with_overrides
+    from pipeline.train import trainer
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        t0 = time.perf_counter()
+        [summary] = trainer.train_all(with_overrides(cfg, ["train.run_prefix=ray"]))
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return seconds, interval_rates(summary["run_uri"])
+
+
+def steady(rates: list[float]) -> float:
+    if len(rates) < 2:
+        raise SystemExit("need at least two logged intervals: raise --iterations or lower --log-every")
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=120)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
+        root = Path(tmp)
+        import ray
+
+        # the inputs are made with at least 2 logical CPUs: preprocessing needs one beside its sketch actor
+        ray.init(address="local", num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
+        try:
+            cfg = make_world(root, args.cpus, args)
+        finally:
+            ray.shutdown()
+        bare_s, bare = run_bare(cfg, args.cpus)
+        ray_s, in_ray = run_ray_train(cfg, args.cpus)
+    print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.iterations} iterations, logged every "
+          f"{args.log_every}, {args.cpus} CPUs per side")
+    print(f"bare_loop_it_per_s_by_interval: {bare}")
+    print(f"ray_train_it_per_s_by_interval: {in_ray}")
+    print(f"bare_loop_wall_seconds: {bare_s:.1f}")
+    print(f"ray_train_wall_seconds_with_startup: {ray_s:.1f}")
+    print(f"bare_loop_it_per_s: {steady(bare):.3f}")
+    print(f"ray_train_it_per_s: {steady(in_ray):.3f}")
+    print(f"ray_train_relative_speed: {steady(in_ray) / steady(bare):.3f}")
+
+
+if __name__ == "__main__":
+    main()
