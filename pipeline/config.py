@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.names import validate_name
 
 DEFAULT_ROOT = ".sketchgan"
+
+
+def absolute_location(v: str | None) -> str | None:
+    """A local path made absolute (URIs with a scheme unchanged): Ray workers run in other working directories,
+    so a relative location must mean the caller's folder."""
+    if not v or "://" in v:
+        return v
+    return os.path.abspath(os.path.expanduser(v))
+
+
+Location = Annotated[str, AfterValidator(absolute_location)]  # a local path or URI, e.g. s3://bucket/key
 
 
 class ConfigError(ValueError):
@@ -29,27 +40,19 @@ class Section(BaseModel):
 class StorageConfig(Section):
     """Where everything is read and written: a local folder or ``s3://bucket/prefix``."""
 
-    root: str = Field(DEFAULT_ROOT, validate_default=True)
+    root: Location = Field(DEFAULT_ROOT, validate_default=True)
     # S3 retries (exponential backoff inside boto3/pyarrow) are set per process by SKETCHGAN_S3_MAX_ATTEMPTS
     # (default 8), so that Ray workers, which read no config of their own, retry alike.
-
-    @field_validator("root")
-    @classmethod
-    def _absolute_local_root(cls, v: str) -> str:
-        # Ray workers run in other working directories: a relative root must mean the caller's folder.
-        if "://" in v or not v:
-            return v
-        return os.path.abspath(os.path.expanduser(v))
 
 
 class SketchSetSpec(Section):
     """One user sketch set to customise a model from."""
 
     name: str
-    uri: str | None = None  # stored sketch set (Parquet); default <root>/sketchsets/<name>
-    from_dir: str | None = None  # folder/prefix of drawings to create it from when missing
-    from_ids: str | None = None  # file of dataset ids to create it from when missing
-    evalset: str | None = None  # evaluation set (Parquet of real images) for FID
+    uri: Location | None = None  # stored sketch set (Parquet); default <root>/sketchsets/<name>
+    from_dir: Location | None = None  # folder/prefix of drawings to create it from when missing
+    from_ids: Location | None = None  # file of dataset ids to create it from when missing
+    evalset: Location | None = None  # evaluation set (Parquet of real images) for FID
 
     @field_validator("name")
     @classmethod
@@ -60,15 +63,15 @@ class SketchSetSpec(Section):
 class DataConfig(Section):
     """Preprocessing: LSUN (or image folder / Parquet) -> image/sketch pairs in Parquet."""
 
-    source: str | None = None  # LSUN LMDB folder, image folder/prefix or Parquet URI
+    source: Location | None = None  # LSUN LMDB folder, image folder/prefix or Parquet URI
     category: str = "cat"
     size: int = Field(256, ge=8, le=1024)
     sketcher: Literal["edges", "photosketch"] = "edges"
-    sketcher_weights: str | None = None  # PhotoSketch checkpoint URI
+    sketcher_weights: Location | None = None  # PhotoSketch checkpoint URI
     limit: int | None = Field(None, ge=1)
     max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
     batch_size: int = Field(32, ge=1, le=4096)
-    dataset: str | None = None  # preprocessed dataset URI; default <root>/datasets/<category>
+    dataset: Location | None = None  # preprocessed dataset URI; default <root>/datasets/<category>
     max_image_pixels: int = Field(89_478_485, ge=1)  # larger images are refused as decompression bombs
     num_actors: int | None = Field(None, ge=1)  # sketch actors; default one per GPU, else one per node
     actor_threads: int | None = Field(None, ge=1)  # torch threads per sketch actor; default the node's CPUs
@@ -91,8 +94,8 @@ class ModelConfig(Section):
     channel_max: int = Field(512, ge=4)  # caps every layer's width: small values give tiny test models
     lr_mlp: float = Field(0.01, gt=0)
     w_shift: bool = False
-    base_g: str | None = None  # netG.pth (published or from `sketchgan pretrain`)
-    base_d: str | None = None  # netD.pth
+    base_g: Location | None = None  # netG.pth (published or from `sketchgan pretrain`)
+    base_d: Location | None = None  # netD.pth
 
     @field_validator("size")
     @classmethod
@@ -237,7 +240,7 @@ class EvalConfig(Section):
     # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests) or
     # "package.module:factory" returning an nn.Module / FeatureExtractor.
     feature_extractor: str = "inception"
-    inception_weights: str | None = None  # path or URI of inception-2015-12-05.pt; default clean-fid's cache
+    inception_weights: Location | None = None  # path or URI of inception-2015-12-05.pt; default clean-fid's cache
     inception_download: bool = True  # try clean-fid's download URL (short timeout) when not cached
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)

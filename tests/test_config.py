@@ -26,6 +26,12 @@ def test_local_roots_are_made_absolute_so_ray_workers_agree(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert load_config(None, ["storage.root=out/here"]).storage.root == str(tmp_path / "out" / "here")
     assert load_config(None, ["storage.root=s3://bucket/prefix"]).storage.root == "s3://bucket/prefix"
+    cfg = load_config(None, ["data.source=lsun/cat", "data.dataset=s3://b/ds", "model.base_g=w/netG.pth",
+                             "train.sketch_sets=[{name: a, from_dir: drawings, evalset: /abs/eval}]"])
+    assert cfg.data.source == str(tmp_path / "lsun" / "cat") and cfg.data.dataset == "s3://b/ds"
+    assert cfg.model.base_g == str(tmp_path / "w" / "netG.pth")
+    spec = cfg.train.sketch_sets[0]
+    assert spec.from_dir == str(tmp_path / "drawings") and spec.evalset == "/abs/eval"
 
 
 def test_yaml_and_overrides(tmp_path):
