@@ -25,12 +25,19 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")
 ALL_SHAPES = (*SHAPES, "star", "cross")
 FORMATS = ("WEBP", "JPEG", "PNG")
+BACKGROUNDS = ("flat", "gradient", "stripes", "texture")  # background kinds, in `_background`'s order
 LABELS_FILE = "labels.json"
 _SUPERSAMPLE = 2  # shapes are drawn at twice the size and reduced, for antialiased edges
 
 
-def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
-    kind = rng.randint(4)
+def _background(rng: np.random.RandomState, size: int, kinds: tuple[str, ...] | None = None) -> np.ndarray:
+    if kinds is None:  # every kind (the default draw, kept as it was so existing seeds give the same images)
+        kind = rng.randint(4)
+    else:
+        unknown = [k for k in kinds if k not in BACKGROUNDS]
+        if unknown or not kinds:
+            raise ValueError(f"unknown background kinds {unknown or kinds!r} (known: {', '.join(BACKGROUNDS)})")
+        kind = BACKGROUNDS.index(kinds[rng.randint(len(kinds))])
     c1 = rng.randint(0, 256, 3).astype(np.float64)
     if kind == 0:  # flat
         return np.broadcast_to(c1, (size, size, 3)).copy()
@@ -55,12 +62,14 @@ def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tup
             for k, r in enumerate(radii)]
 
 
-def render_shape(rng: np.random.RandomState, size: int, shape: str) -> Image.Image:
-    """One RGB image size×size of ``shape`` (see `ALL_SHAPES`) on a random background."""
+def render_shape(rng: np.random.RandomState, size: int, shape: str,
+                 backgrounds: tuple[str, ...] | None = None) -> Image.Image:
+    """One RGB image size×size of ``shape`` (see `ALL_SHAPES`) on a random background, drawn from
+    ``backgrounds`` (kinds of `BACKGROUNDS`; default all of them)."""
     if shape not in ALL_SHAPES:
         raise ValueError(f"unknown shape {shape!r} (known: {', '.join(ALL_SHAPES)})")
     big = size * _SUPERSAMPLE
-    bg = _background(rng, big)
+    bg = _background(rng, big, backgrounds)
     im = Image.fromarray(bg.clip(0, 255).astype(np.uint8), "RGB")
     fg = rng.randint(0, 256, 3)
     while np.abs(fg - bg.reshape(-1, 3).mean(0)).sum() < 200:  # keep the object visible against its background
@@ -88,12 +97,13 @@ def render_shape(rng: np.random.RandomState, size: int, shape: str) -> Image.Ima
     return im.resize((size, size), Image.BOX)
 
 
-def generate_shape_images(n: int, size: int, seed: int = 0,
-                          shapes: tuple[str, ...] = SHAPES) -> tuple[np.ndarray, list[str]]:
-    """``n`` images (uint8 n×size×size×3) cycling through ``shapes`` in equal shares, and their labels."""
+def generate_shape_images(n: int, size: int, seed: int = 0, shapes: tuple[str, ...] = SHAPES,
+                          backgrounds: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str]]:
+    """``n`` images (uint8 n×size×size×3) cycling through ``shapes`` in equal shares, and their labels;
+    ``backgrounds`` restricts the background kinds (see `render_shape`)."""
     rng = np.random.RandomState(seed)
     labels = [shapes[i % len(shapes)] for i in range(n)]
-    images = np.stack([np.asarray(render_shape(rng, size, s)) for s in labels]) if n else \
+    images = np.stack([np.asarray(render_shape(rng, size, s, backgrounds)) for s in labels]) if n else \
         np.zeros((0, size, size, 3), np.uint8)
     return images, labels
 
@@ -142,13 +152,14 @@ def image_key(name: str, seed: int, index: int) -> str:
 
 
 def write_shapes_lmdb(path: str, n: int, size: int = 64, seed: int = 0, shapes: tuple[str, ...] = SHAPES,
-                      bad: bool = False, name: str | None = None) -> dict[str, str]:
+                      bad: bool = False, name: str | None = None,
+                      backgrounds: tuple[str, ...] | None = None) -> dict[str, str]:
     """Write one LSUN-format LMDB folder at ``path`` (replacing an existing one); returns {key: shape}, also
     saved as ``labels.json`` beside the LMDB files. With ``bad``, `planted_records` are added (labels of
-    the bad ones are omitted, the odd ones are labelled)."""
+    the bad ones are omitted, the odd ones are labelled). ``backgrounds`` restricts the background kinds."""
     import lmdb
 
-    images, labels = generate_shape_images(n, size, seed, shapes)
+    images, labels = generate_shape_images(n, size, seed, shapes, backgrounds)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("data.mdb", "lock.mdb", LABELS_FILE):

@@ -1,0 +1,93 @@
+"""Pieces of the shape customisation benchmark (benchmarks/shape_customisation.py): the shapes category,
+the shape classifier and its penultimate features as a FID feature extractor. No GAN training here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.synthetic import BACKGROUNDS, SHAPES, generate_shape_images, render_shape
+from pipeline.eval.features import FeatureExtractor, build_extractor
+from pipeline.eval.fid import extract_features, fid_from_features, fid_from_images
+from pipeline.eval.shape_classifier import (
+    CLASSIFIER_ENV,
+    ShapeClassifier,
+    ShapeFeatureExtractor,
+    accuracy,
+    load_classifier,
+    predict,
+    save_classifier,
+    train_classifier,
+)
+
+BENCH_BACKGROUNDS = ("flat", "gradient")
+
+
+def test_shapes_category_is_balanced_and_varied():
+    images, labels = generate_shape_images(300, 32, seed=5, backgrounds=BENCH_BACKGROUNDS)
+    assert images.shape == (300, 32, 32, 3) and images.dtype == np.uint8
+    assert len(SHAPES) >= 3
+    assert {s: labels.count(s) for s in SHAPES} == {s: 100 for s in SHAPES}
+    corners = images[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(float)  # background colours vary
+    assert corners.reshape(300, -1).std(0).mean() > 40
+    assert len({img.tobytes() for img in images}) == 300
+
+
+def test_background_kinds_parameter_keeps_the_default_and_restricts():
+    a = np.asarray(render_shape(np.random.RandomState(3), 32, "square"))
+    b = np.asarray(render_shape(np.random.RandomState(3), 32, "square", backgrounds=None))
+    assert np.array_equal(a, b)  # the default draw is unchanged
+    flat, _ = generate_shape_images(12, 32, seed=1, backgrounds=("flat",))
+    for img in flat:  # a flat background: the four corners share one colour
+        c = img[[0, 0, -1, -1], [0, -1, 0, -1]].astype(int)
+        assert np.abs(c - c[0]).max() <= 2
+    assert set(BENCH_BACKGROUNDS) <= set(BACKGROUNDS)
+    with pytest.raises(ValueError, match="unknown background"):
+        generate_shape_images(3, 32, backgrounds=("plaid",))
+
+
+def test_classifier_learns_shapes_and_round_trips(tmp_path):
+    # a smoke run (the benchmark itself trains the real one and checks its held-out accuracy >= 0.95)
+    x, y = generate_shape_images(192, 32, seed=11, backgrounds=BENCH_BACKGROUNDS)
+    xt, yt = generate_shape_images(60, 32, seed=12, backgrounds=BENCH_BACKGROUNDS)
+    result = train_classifier(x, y, SHAPES, epochs=1, width=8, feature_dim=16)
+    assert 0.0 <= result.train_accuracy <= 1.0 and result.seconds > 0
+    assert 0.0 <= accuracy(result.classifier, xt, yt) <= 1.0
+    assert set(predict(result.classifier, xt)) <= set(SHAPES)
+    path = str(tmp_path / "cls.pt")
+    save_classifier(result.classifier, path)
+    loaded = load_classifier(path)
+    assert loaded.classes == SHAPES
+    assert predict(loaded, xt[:20]) == predict(result.classifier, xt[:20])
+
+
+def test_penultimate_features_plug_into_fid(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    clf = ShapeClassifier(SHAPES, input_size=32, width=8, feature_dim=16).eval()
+    ext = ShapeFeatureExtractor(clf, resize_threads=1)
+    assert isinstance(ext, FeatureExtractor) and ext.input_size == 32 and ext.dim == 16
+    images, labels = generate_shape_images(120, 32, seed=2, backgrounds=BENCH_BACKGROUNDS)
+    feats = extract_features(images, ext, batch_size=50)
+    assert feats.shape == (120, 16)
+    # the extractor is the classifier's penultimate layer on the (identity-sized) images
+    direct = clf.features(torch.from_numpy(images).permute(0, 3, 1, 2).float()).detach().numpy()
+    assert np.allclose(feats, direct, atol=1e-3)
+    assert fid_from_images(images[:60], images[:60], ext) == pytest.approx(0.0, abs=1e-3)
+    circles = feats[[lab == "circle" for lab in labels]]
+    assert fid_from_features(feats, circles) >= 0
+    # the module:factory hook of eval.feature_extractor
+    path = tmp_path / "cls.pt"
+    save_classifier(clf, str(path))
+    monkeypatch.setenv(CLASSIFIER_ENV, str(path))
+    cfg = load_config(None, ["eval.feature_extractor=pipeline.eval.shape_classifier:extractor_from_env"])
+    built = build_extractor(cfg.eval, device="cpu")
+    assert built.name == "shape-classifier" and built.version == ext.version
+    assert np.allclose(extract_features(images[:50], built), feats[:50], atol=1e-5)
+
+
+def test_benchmark_config_is_valid():
+    cfg = load_config("configs/shapes.yaml")
+    assert cfg.model.size == 32 and cfg.data.size == 32 and cfg.data.sketcher == "edges"
+    assert cfg.train.lambda_image == 0.7 and cfg.train.augment == "translation"
