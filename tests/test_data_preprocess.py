@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -233,45 +228,3 @@ def test_s3_source_and_output(ray_local, lmdbs, s3_bucket):
             expected = np.asarray(Image.open(io.BytesIO(txn.get(row["source_key"].encode()))).convert("RGB"))
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]))), expected)
     env.close()
-
-
-DRIVER = """
-import sys, ray
-sys.path.insert(0, {repo!r})
-ray.init(address={address!r}, runtime_env={{"env_vars": {{"PYTHONPATH": {repo!r}}}}}, log_to_driver=False)
-from pipeline.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.reliability
-def test_killed_driver_leaves_nothing_visible(ray_local, tmp_path):
-    import ray
-
-    lmdb_dir = tmp_path / "big"
-    synthetic.write_shapes_lmdb(str(lmdb_dir), n=600, size=32, seed=9)
-    out = tmp_path / "datasets" / "shapes"
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(repo=str(REPO), address=ray.get_runtime_context().gcs_address))
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), "preprocess", "--source", str(lmdb_dir), "--out", str(out),
-                             "--category", "shapes", "--size", "32", "--set", "data.batch_size=8",
-                             "--set", "data.rows_per_file=8"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        staged = []
-        while time.time() < deadline and proc.poll() is None and not staged:
-            staged = [p for p in out.parent.glob(".shapes.staging-*/pairs/**/*.parquet")] if out.parent.exists() else []
-            time.sleep(0.05)
-        assert staged, f"no staged part appeared (exit {proc.poll()}): {proc.stdout.read().decode()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, without any cleanup
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not out.exists()  # readers look at datasets/shapes: nothing there, complete or not
-    assert storage.list_files(str(out.parent)) == []
-    # the next run succeeds and publishes a complete dataset
-    preprocess.preprocess(_cfg(str(lmdb_dir), str(out)))
-    assert storage.read_json(str(out / "manifest.json"))["counts"]["rows_out"] == 600

@@ -15,15 +15,13 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_data import write_pairs_dataset, write_sketch_set
+from tiny_data import write_pairs_dataset, write_random_base, write_sketch_set
 
 from pipeline import cli, layout, storage
 from pipeline.config import Config, ConfigError, load_config, with_overrides
 from pipeline.data import preprocess, synthetic
 from pipeline.data.publish import parquet_bytes
 from pipeline.data.sketchsets import SketchSetError, create_sketch_set, load_sketch_set
-from pipeline.models import factory
-from pipeline.models.checkpoints import save_state_dict
 from pipeline.names import NameError_
 from pipeline.storage import StorageError
 from pipeline.train import loop, trainer
@@ -55,11 +53,7 @@ def world(tmp_path):
     torch.set_num_threads(1)
     write_pairs_dataset(str(tmp_path / "datasets" / "shapes"), n=8)
     write_sketch_set(str(tmp_path / "sketchsets" / "tri"), n=3)
-    arch = factory.generator_kwargs(_tiny_cfg(tmp_path).model)
-    torch.manual_seed(3)
-    g, d = str(tmp_path / "base" / "netG.pth"), str(tmp_path / "base" / "netD.pth")
-    save_state_dict(factory.build_generator(arch), g)
-    save_state_dict(factory.build_discriminator(arch), d)
+    g, d = write_random_base(tmp_path, _tiny_cfg(tmp_path).model, seed=3)
     return tmp_path, g, d
 
 

@@ -10,25 +10,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny_data import write_pairs_dataset, write_sketch_set
+from tiny_data import write_pairs_dataset, write_random_base, write_sketch_set
 
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.models import factory
-from pipeline.models.checkpoints import save_state_dict
 from pipeline.train import loop, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_base(root: Path, cfg) -> tuple[str, str]:
-    """Random tiny G and D saved in the published layout (stand-ins for netG.pth / netD.pth)."""
-    arch = factory.generator_kwargs(cfg.model)
-    torch.manual_seed(7)
-    g, d = str(root / "base" / "netG.pth"), str(root / "base" / "netD.pth")
-    save_state_dict(factory.build_generator(arch), g)
-    save_state_dict(factory.build_discriminator(arch), d)
-    return g, d
+    return write_random_base(root, cfg.model, seed=7)
 
 
 def tiny_cfg(root: Path, *overrides: str):

@@ -72,3 +72,18 @@ def write_sketch_set(uri: str, n: int = 4, size: int = 32, name: str = "tri", se
     storage.write_json(storage.join(uri, "manifest.json"), {"name": name, "id": f"sk-{seed}-{n}", "count": n,
                                                             "size": size})
     return uri
+
+
+def write_random_base(root, model_cfg, seed: int = 7) -> tuple[str, str]:
+    """Random tiny G and D saved in the published layout under ``root/base`` (stand-ins for netG.pth / netD.pth)."""
+    import torch
+
+    from pipeline.models import factory
+    from pipeline.models.checkpoints import save_state_dict
+
+    arch = factory.generator_kwargs(model_cfg)
+    torch.manual_seed(seed)
+    g, d = storage.join(str(root), "base", "netG.pth"), storage.join(str(root), "base", "netD.pth")
+    save_state_dict(factory.build_generator(arch), g)
+    save_state_dict(factory.build_discriminator(arch), d)
+    return g, d
