@@ -228,3 +228,15 @@ def test_s3_source_and_output(ray_local, lmdbs, s3_bucket):
             expected = np.asarray(Image.open(io.BytesIO(txn.get(row["source_key"].encode()))).convert("RGB"))
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]))), expected)
     env.close()
+
+
+def test_sketch_actor_leaves_a_cpu_for_reads_even_on_a_one_cpu_node(monkeypatch):
+    # the actor holding a one-CPU node's only CPU starved the read tasks it waits for: the stage hung
+    import ray
+
+    cfg = _cfg("/nowhere", "/nowhere-out")
+    for cpus, reserved in ((1, 0.0), (2, 1.0), (8, 7.0)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {"CPU": float(c)})
+        monkeypatch.setattr(ray, "nodes", lambda c=cpus: [{"Alive": True, "Resources": {"CPU": float(c)}}])
+        plan = preprocess.actor_plan(cfg)
+        assert (plan["num_cpus"], plan["threads"], plan["actors"]) == (reserved, cpus, 1), cpus
