@@ -104,7 +104,7 @@ def sketch_set_manifest(cfg: Config, spec: SketchSetSpec) -> dict:
     return man
 
 
-def check_sketches(cfg: Config, spec: SketchSetSpec, man: dict) -> None:
+def check_sketches(cfg: Config, spec: SketchSetSpec) -> None:
     """Decode every sketch on the driver (a sketch set is small), so an unreadable one fails before any worker
     starts, naming the set and the sketch. Sketches of another size are resized to ``model.size`` by the
     workers: say so, naming the set."""
@@ -231,7 +231,7 @@ def plan_train_run(cfg: Config, sketch: SketchSetSpec, run_name: str | None = No
                    base_g_sha: str | None = None) -> tuple[RunPlan, str]:
     """Validate one sketch set's run (inputs and resumable state); returns (plan, state)."""
     man = sketch_set_manifest(cfg, sketch)
-    check_sketches(cfg, sketch, man)
+    check_sketches(cfg, sketch)
     dataset_uri = layout.dataset_uri(cfg)
     needs_images = cfg.train.lambda_image > 0
     ds_man = dataset_manifest(dataset_uri) if needs_images else {}
