@@ -1,13 +1,16 @@
 """Preprocess throughput with the PhotoSketch network (random weights) at 256 px: our Ray Data stage against the
 reference procedure (one image at a time in one process: PIL bicubic resize, normalise, network, PNG encode).
 
-    python benchmarks/preprocess.py [--n-ours 160] [--n-ref 24] [--network-batch 4] [--batch-size 16]
+    python benchmarks/preprocess.py [--n-ours 400] [--n-ref 24] [--network-batch 4] [--batch-size 16]
 
-Both read the same LSUN-style WebPs (256 px on the short side) from an LMDB. The reference is timed twice,
-before and after our stage, and averaged, so that a change in machine load affects both sides alike. Our
-figure is the wall time of the whole `preprocess()` call (actor start, reading, decoding, network, PNG
-encoding, Parquet writing and publishing), not a steady-state rate. MFU = network FLOPs per second / the
-measured fp32 matmul peak. Prints ``mfu: X`` and, last, ``speedup_vs_reference: X``.
+Both read the same LSUN-style WebPs (256 px on the short side) from an LMDB. The reference runs the network as
+the upstream code does (batch norm in training mode on one NCHW fp32 image, i.e. per-image statistics) and is
+timed twice, before and after our stage, and averaged, so that a change in machine load affects both sides
+alike. Ours is timed twice too: in fp32, and in the stage's default precision (``data.sketch_precision:
+auto``, bf16 on CPUs with bf16 matrix units); each figure is the wall time of a whole `preprocess()` call
+(actor start, reading, decoding, network, PNG encoding, Parquet writing and publishing), not a steady-state
+rate. MFU = network FLOPs per second / the matmul peak measured in the same precision. Prints ``mfu: X`` (the
+default precision) and, last, ``speedup_vs_reference: X``.
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ def make_source(root: Path, n: int) -> tuple[str, list[bytes]]:
     return str(path), values
 
 
-def matmul_peak(threads: int) -> float:
-    """Best fp32 matmul GFLOP/s over a few 2048² products."""
+def matmul_peak(threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best matmul GFLOP/s in ``dtype`` over a few 2048² products."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(5):
@@ -72,6 +75,27 @@ def network_gflop(net: torch.nn.Module) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 3, SIZE, SIZE))
     return counter.get_total_flops() / 1e9
+
+
+def reference_network(net: torch.nn.Module) -> torch.nn.Module:
+    """``net``'s layers as the upstream code runs them: plain BatchNorm2d in training mode, NCHW, fp32."""
+    import copy
+
+    from pipeline.models.photosketch import BatchStatNorm
+
+    ref = copy.deepcopy(net.model)
+
+    def swap(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, BatchStatNorm):
+                bn = torch.nn.BatchNorm2d(child.num_features, eps=child.eps)
+                bn.load_state_dict(child.state_dict())
+                setattr(module, name, bn)
+            else:
+                swap(child)
+
+    swap(ref)
+    return ref.train().requires_grad_(False)
 
 
 def reference(values: list[bytes], net: torch.nn.Module) -> float:
@@ -91,7 +115,7 @@ def reference(values: list[bytes], net: torch.nn.Module) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-ours", type=int, default=160)
+    parser.add_argument("--n-ours", type=int, default=400)
     parser.add_argument("--n-ref", type=int, default=24, help="images per reference pass (two passes)")
     parser.add_argument("--network-batch", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -104,46 +128,58 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.data.preprocess import node_cpus, preprocess
     from pipeline.models.photosketch import PhotoSketch
+    from pipeline.models.sketchers import resolve_sketch_precision
 
     cores = node_cpus()
     torch.manual_seed(0)
     net = PhotoSketch(norm="per_image").eval().requires_grad_(False)
+    ref_net = reference_network(net)
+    precision = resolve_sketch_precision("photosketch", "auto")
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         root = Path(tmp)
         weights = root / "photosketch-random.pth"
         torch.save(net.state_dict(), weights)
-        source, values = make_source(root, max(args.n_ours, args.n_ref))
-        peak = matmul_peak(cores)
+        source, values = make_source(root, max(args.n_ours, 2 * args.n_ref))
+        peaks = {"fp32": matmul_peak(cores)}
+        if precision == "bf16":
+            peaks["bf16"] = matmul_peak(cores, torch.bfloat16)
         gflop = network_gflop(net)
-        print(f"machine: {cores} cores, fp32 matmul peak {peak:.1f} GFLOP/s; PhotoSketch {gflop:.1f} GFLOP/image "
-              f"at {SIZE} px", flush=True)
+        print(f"machine: {cores} cores, matmul peak " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) +
+              f" GFLOP/s; PhotoSketch {gflop:.1f} GFLOP/image at {SIZE} px; default sketch precision {precision}",
+              flush=True)
 
         torch.set_num_threads(cores)
-        ref_a = reference(values[: args.n_ref], net)
+        ref_a = reference(values[: args.n_ref], ref_net)
         print(f"reference (before): {ref_a:.3f} images/s", flush=True)
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-        cfg = load_config(None, [
-            f"data.source={json.dumps(source)}", f"data.dataset={json.dumps(str(root / 'out' / 'bench'))}",
-            "data.category=bench", f"data.size={SIZE}", "data.sketcher=photosketch",
-            f"data.sketcher_weights={json.dumps(str(weights))}", f"data.limit={args.n_ours}",
-            f"data.batch_size={args.batch_size}", f"data.network_batch={args.network_batch}"])
-        t = time.perf_counter()
-        summary = preprocess(cfg)
-        ours = args.n_ours / (time.perf_counter() - t)
+        ours = {}
+        for run in dict.fromkeys(["fp32", precision]):
+            cfg = load_config(None, [
+                f"data.source={json.dumps(source)}", f"data.dataset={json.dumps(str(root / 'out' / run))}",
+                "data.category=bench", f"data.size={SIZE}", "data.sketcher=photosketch",
+                f"data.sketcher_weights={json.dumps(str(weights))}", f"data.limit={args.n_ours}",
+                f"data.batch_size={args.batch_size}", f"data.network_batch={args.network_batch}",
+                f"data.sketch_precision={run}"])
+            t = time.perf_counter()
+            summary = preprocess(cfg)
+            ours[run] = args.n_ours / (time.perf_counter() - t)
+            print(f"ours ({run}): {summary}", flush=True)
         ray.shutdown()
-        print(f"ours: {summary}", flush=True)
 
         torch.set_num_threads(cores)
-        ref_b = reference(values[args.n_ref: 2 * args.n_ref] or values[: args.n_ref], net)
+        ref_b = reference(values[args.n_ref: 2 * args.n_ref], ref_net)
         print(f"reference (after): {ref_b:.3f} images/s", flush=True)
     ref = (ref_a + ref_b) / 2
     print(f"reference_images_per_s: {ref:.3f}")
-    print(f"ours_images_per_s: {ours:.3f}")
-    print(f"reference_mfu: {ref * gflop / peak:.3f}")
-    print(f"mfu: {ours * gflop / peak:.3f}")
-    print(f"speedup_vs_reference: {ours / ref:.3f}")
+    print(f"reference_mfu: {ref * gflop / peaks['fp32']:.3f}")
+    print(f"ours_fp32_images_per_s: {ours['fp32']:.3f}")
+    print(f"mfu_fp32: {ours['fp32'] * gflop / peaks['fp32']:.3f}")
+    print(f"speedup_fp32_vs_reference: {ours['fp32'] / ref:.3f}")
+    print(f"ours_images_per_s: {ours[precision]:.3f} ({precision})")
+    print(f"mfu: {ours[precision] * gflop / peaks[precision]:.3f}")
+    print(f"speedup_vs_reference: {ours[precision] / ref:.3f}")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,31 @@ def test_unknown_sketcher_named():
     with pytest.raises(ValueError, match="unknown sketcher 'crayon'"):
         build_sketcher("crayon")
     assert sketcher_fingerprint("edges") == "edges:none"
+
+
+def test_sketch_precision_resolution(monkeypatch):
+    from pipeline.models import sketchers
+
+    assert sketchers.resolve_sketch_precision("edges", "bf16") == "fp32"  # edges always fp32
+    assert sketchers.resolve_sketch_precision("photosketch", "fp32", gpus=True) == "fp32"
+    assert sketchers.resolve_sketch_precision("photosketch", "bf16") == "bf16"
+    assert sketchers.resolve_sketch_precision("photosketch", "auto", gpus=True) == "bf16"
+    for amx, avx512_bf16, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert sketchers.resolve_sketch_precision("photosketch", "auto") == expected
+    with pytest.raises(ValueError, match="data.sketch_precision 'fp16'"):
+        sketchers.resolve_sketch_precision("photosketch", "fp16")
+
+
+def test_photosketch_runs_in_bf16_close_to_fp32():
+    from pipeline.models.photosketch import PhotoSketch
+
+    torch.manual_seed(0)
+    net = PhotoSketch(norm="per_image", ngf=8, n_blocks=2).eval().requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        y32 = net(x)
+        y16 = net.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and y16.shape == y32.shape == (2, 1, 32, 32)
+    assert (y16.float() - y32).abs().mean() < 0.02  # about one grey level

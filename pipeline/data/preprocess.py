@@ -5,6 +5,8 @@ read (parallel key ranges / files) -> decode -> RGB -> centre crop -> antialiase
 clusters one actor per node whose torch threads use the node's cores. Each actor takes two batches at once:
 while one batch is in the network (under a lock, so the cores are not oversubscribed), the other is decoded,
 resized or PNG-encoded. On GPU clusters decoding runs in separate CPU tasks instead, spread over every node.
+PhotoSketch runs in bf16 where the hardware multiplies bf16 in matrix units (``data.sketch_precision: auto``;
+GPUs, CPUs with AMX or AVX-512 BF16), in fp32 elsewhere; the manifest records which.
 
 Bad records become rows of ``errors/`` (source key + reason) and the run fails, publishing nothing, when more
 than ``data.max_error_rate`` of the records are bad. Everything is written below a hidden staging location
@@ -65,16 +67,18 @@ def decode_batch(batch: dict[str, Any], size: int, max_pixels: int) -> dict[str,
     return {"source_key": np.array(keys, dtype=object), "pixels": pixels, "reason": np.array(reasons, dtype=object)}
 
 
-def sketch_pixels(net, pixels: np.ndarray, device, chunk: int) -> np.ndarray:
-    """uint8 N×H×W×3 images -> uint8 N×H×W sketches, ``chunk`` images per network call."""
+def sketch_pixels(net, pixels: np.ndarray, device, chunk: int, dtype=None) -> np.ndarray:
+    """uint8 N×H×W×3 images -> uint8 N×H×W sketches, ``chunk`` images per network call in ``dtype``
+    (the network's own dtype; default float32)."""
     import torch
 
+    dtype = dtype or torch.float32
     out = np.empty(pixels.shape[:3], dtype=np.uint8)
     with torch.inference_mode():
         for lo in range(0, len(pixels), chunk):
             # NHWC memory viewed as NCHW is channels-last already: no copy before the network
             x = torch.from_numpy(pixels[lo:lo + chunk]).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            s = net(x)[:, 0]
+            s = net(x.to(dtype))[:, 0].float()
             out[lo:lo + chunk] = s.clamp_(-1, 1).add_(1).mul_(127.5).add_(0.5).to(torch.uint8).cpu().numpy()
     return out
 
@@ -83,16 +87,20 @@ class SketchWorker:
     """Actor: holds one sketcher (on the actor's GPU when it has one) and turns records into pair rows."""
 
     def __init__(self, sketcher: str, weights: str | None, fingerprint: str, category: str, size: int,
-                 max_pixels: int, threads: int | None = None, chunk: int = 8):
+                 max_pixels: int, threads: int | None = None, chunk: int = 8, precision: str = "fp32"):
         import torch
 
         from pipeline.models.factory import device_default
-        from pipeline.models.sketchers import build_sketcher
+        from pipeline.models.sketchers import build_sketcher, has_fast_bf16
 
         if threads:
             torch.set_num_threads(threads)
         self.device = device_default()
-        self.net = build_sketcher(sketcher, weights, norm="per_image", device=self.device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        self.net = build_sketcher(sketcher, weights, norm="per_image", device=self.device).to(self.dtype)
+        if precision == "bf16" and not has_fast_bf16(self.device):
+            log.warning("sketching in bf16 on %s, which has no bf16 matrix units: expect it to be slower than fp32 "
+                        "(set data.sketch_precision: fp32)", self.device)
         self.fingerprint, self.category, self.size, self.max_pixels = fingerprint, category, size, max_pixels
         self.chunk = chunk
         self.lock = threading.Lock()  # one batch in the network at a time; the others decode or encode
@@ -107,7 +115,7 @@ class SketchWorker:
         if ok:
             pixels = np.ascontiguousarray(batch["pixels"][ok])
             with self.lock:
-                s8 = sketch_pixels(self.net, pixels, self.device, self.chunk)
+                s8 = sketch_pixels(self.net, pixels, self.device, self.chunk, self.dtype)
             for j, i in enumerate(ok):
                 images[i], sketches[i] = encode_png(pixels[j]), encode_png(s8[j])
         return {
@@ -201,8 +209,10 @@ def actor_plan(cfg: Config) -> dict[str, Any]:
             "num_gpus": 0.0, "threads": d.actor_threads or per_node, "separate_decode": False}
 
 
-def dataset_id(category: str, size: int, sketcher: str, input_fingerprint: str) -> str:
+def dataset_id(category: str, size: int, sketcher: str, input_fingerprint: str, precision: str = "fp32") -> str:
     """The dataset's id: the same input, settings and code give the same id (and the same rows)."""
+    # fp32 keeps the ids that datasets had before the precision setting existed
+    sketcher = sketcher if precision == "fp32" else f"{sketcher}@{precision}"
     blob = f"{FORMAT_VERSION}|{category}|{size}|{sketcher}|{input_fingerprint}"
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -270,16 +280,18 @@ def _sweep_abandoned(out: str) -> None:
 
 
 def build_pipeline(cfg: Config, staging: str):
-    """(dataset to write, datasink, input fingerprint, sketcher fingerprint, actor plan) for ``cfg.data``."""
+    """(dataset to write, datasink, input fingerprint, sketcher fingerprint, actor plan) for ``cfg.data``; the
+    plan holds the sketch precision that ``data.sketch_precision`` resolved to."""
     import ray.data
 
     from pipeline.data.lsun import read_source
-    from pipeline.models.sketchers import sketcher_fingerprint
+    from pipeline.models.sketchers import resolve_sketch_precision, sketcher_fingerprint
 
     d = cfg.data
     fingerprint = sketcher_fingerprint(d.sketcher, d.sketcher_weights)
     ds, input_fp = read_source(d.source, d.limit)
     plan = actor_plan(cfg)
+    plan["precision"] = resolve_sketch_precision(d.sketcher, d.sketch_precision, gpus=plan["num_gpus"] > 0)
     if plan["separate_decode"]:
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": d.size, "max_pixels": d.max_image_pixels},
                             batch_format="numpy", batch_size=d.batch_size, num_cpus=1)
@@ -289,7 +301,8 @@ def build_pipeline(cfg: Config, staging: str):
         SketchWorker,
         fn_constructor_kwargs={"sketcher": d.sketcher, "weights": d.sketcher_weights, "fingerprint": fingerprint,
                                "category": d.category, "size": d.size, "max_pixels": d.max_image_pixels,
-                               "threads": plan["threads"], "chunk": d.network_batch},
+                               "threads": plan["threads"], "chunk": d.network_batch,
+                               "precision": plan["precision"]},
         batch_size=d.batch_size, batch_format="numpy", compute=compute, num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
     sink = _pairs_datasink_class()(staging, d.category, d.rows_per_file)
@@ -324,8 +337,8 @@ def preprocess(cfg: Config) -> str:
 def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float, float]:
     """Build, run and publish the dataset (the body of `preprocess`, inside its staging lock)."""
     ds, sink, input_fp, fingerprint, plan = build_pipeline(cfg, staging)
-    log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each", d.source, out, plan["actors"],
-             plan["threads"])
+    log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each, sketching in %s", d.source, out,
+             plan["actors"], plan["threads"], plan["precision"])
     ds.write_datasink(sink)
     result = sink.result or {"rows": 0, "pairs": 0, "errors": 0, "examples": [], "files": []}
     counts = {"rows_in": result["rows"], "rows_out": result["pairs"], "errors": result["errors"]}
@@ -345,8 +358,9 @@ def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float
         files = [*files, "errors/part-none.parquet"]
     elapsed = time.time() - t0
     manifest = {
-        "id": dataset_id(d.category, d.size, fingerprint, input_fp), "format_version": FORMAT_VERSION,
-        "category": d.category, "size": d.size, "sketcher": fingerprint, "source": d.source, "limit": d.limit,
+        "id": dataset_id(d.category, d.size, fingerprint, input_fp, plan["precision"]),
+        "format_version": FORMAT_VERSION, "category": d.category, "size": d.size, "sketcher": fingerprint,
+        "sketch_precision": plan["precision"], "source": d.source, "limit": d.limit,
         "input_fingerprint": input_fp, "counts": counts, "rows": counts["rows_out"],
         "config": d.model_dump(mode="json"), "files": files, "seconds": round(elapsed, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -4,6 +4,9 @@ Key layout ``model.N.*`` equals the official checkpoint's. Both upstream program
 training mode, so batch norm always normalises with the statistics of what it is given, never with the
 stored running averages: ``per_image`` (PhotoSketch's own inference, one photo at a time, computed here
 for a whole batch in one call) or ``batch`` (statistics pooled over the batch, as GANSketching trains).
+
+The network runs channels-last in both modes and in any floating dtype: ``net.to(torch.bfloat16)`` is the
+preprocess stage's fast path on hardware with bf16 matrix units (see ``pipeline.models.sketchers``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ class BatchStatNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "per_image":
-            # batch-norm statistics of one image at a time == instance norm with BN's affine parameters
-            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+            # Batch-norm statistics of one image at a time == instance norm with BN's affine parameters ==
+            # group norm with one group per channel, whose CPU kernel works on channels-last (and bf16) tensors
+            # in place of instance_norm's reshape-and-copy.
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
 
 
@@ -80,7 +85,6 @@ class PhotoSketch(nn.Module):
                 m.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._norm == "batch":
-            # oneDNN's convolutions and batch norm are faster channels-last; instance norm (per_image) is not
-            x = x.contiguous(memory_format=torch.channels_last)
+        # oneDNN's convolutions and both norms are faster channels-last
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).contiguous()

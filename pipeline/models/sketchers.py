@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SKETCHERS = ("edges", "photosketch")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class EdgeSketcher(nn.Module):
@@ -86,3 +87,27 @@ def sketcher_fingerprint(name: str, weights_uri: str | None = None) -> str:
     from pipeline.models.checkpoints import sha256_of
 
     return f"{name}:{sha256_of(weights_uri)}"
+
+
+def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU with
+    AMX tiles or AVX-512 BF16 (where oneDNN's bf16 convolutions run several times faster than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # torch exposes the CPU feature checks only under private names; without them, assume none
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_sketch_precision(sketcher: str, setting: str, gpus: bool = False) -> str:
+    """The dtype the preprocess stage sketches in: ``fp32`` or ``bf16``. ``auto`` picks bf16 for PhotoSketch
+    on GPU clusters (``gpus``) and on CPUs with bf16 matrix units, fp32 otherwise; the weight-free ``edges``
+    sketcher always runs in fp32 (it costs little next to decoding)."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"data.sketch_precision {setting!r} is not one of {', '.join(PRECISIONS)}")
+    if sketcher == "edges":
+        return "fp32"
+    if setting != "auto":
+        return setting
+    return "bf16" if gpus or has_fast_bf16("cpu") else "fp32"
