@@ -5,9 +5,11 @@ preprocessed from generated shapes, a sketch set of triangles and a random base 
 (32 px). The bare side calls it in this process, reading real images straight from the Parquet files with
 pyarrow; the Ray Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images
 streamed from a Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the
-first interval (warm-up) left out. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
+first interval (warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare
+for ``--repeats 2``), so that a drift in machine speed during the run affects both alike; each side's figure is
+the median over its runs. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
 
-    python benchmarks/ray_overhead.py [--iterations 120] [--log-every 10] [--batch 8] [--cpus N]
+    python benchmarks/ray_overhead.py [--iterations 200] [--log-every 20] [--batch 8] [--cpus N] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def interval_rates(run_uri: str) -> list[float]:
     return [r["it_per_s"] for r in rows]
 
 
-def run_bare(cfg, threads: int) -> tuple[float, list[float]]:
+def run_bare(cfg, threads: int, name: str) -> tuple[float, list[float]]:
     """The loop in this process: images read from the Parquet files with pyarrow, no Ray anywhere."""
     import pyarrow.dataset as pads
     import torch
@@ -75,7 +77,7 @@ def run_bare(cfg, threads: int) -> tuple[float, list[float]]:
     from pipeline.train.loop import decode_png_batch, run_worker
 
     torch.set_num_threads(threads)
-    plan, _ = trainer.plan_train_run(cfg, cfg.train.sketch_sets[0], run_name="bare-triangles",
+    plan, _ = trainer.plan_train_run(cfg, cfg.train.sketch_sets[0], run_name=f"{name}-triangles",
                                      base_g_sha=trainer.check_base_checkpoints(cfg))
     fs, path = storage.filesystem(trainer.pairs_uri(plan.dataset_uri))
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
@@ -93,17 +95,19 @@ def run_bare(cfg, threads: int) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, interval_rates(plan.spec.run_uri)
 
 
-def run_ray_train(cfg, cpus: int) -> tuple[float, list[float]]:
+def run_ray_train(cfg, cpus: int, prefix: str) -> tuple[float, list[float]]:
     import ray
 
     from pipeline.config import with_overrides
+    from pipeline.raysession import normal_worker_priority
     from pipeline.train import trainer
 
+    normal_worker_priority()  # as `sketchgan train` starts its local Ray (pipeline.raysession.ensure_ray)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         t0 = time.perf_counter()
-        [summary] = trainer.train_all(with_overrides(cfg, ["train.run_prefix=ray"]))
+        [summary] = trainer.train_all(with_overrides(cfg, [f"train.run_prefix={prefix}"]))
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -118,13 +122,15 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=120)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
+    ap.add_argument("--repeats", type=int, default=2, help="Ray Train runs (bare runs: one more)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    bare, in_ray = [], []
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
         root = Path(tmp)
         import ray
@@ -135,17 +141,25 @@ def main() -> None:
             cfg = make_world(root, args.cpus, args)
         finally:
             ray.shutdown()
-        bare_s, bare = run_bare(cfg, args.cpus)
-        ray_s, in_ray = run_ray_train(cfg, args.cpus)
+        for i in range(args.repeats + 1):
+            seconds, rates = run_bare(cfg, args.cpus, f"bare{i}")
+            bare.append(steady(rates))
+            print(f"bare loop, run {i + 1}: {bare[-1]:.3f} it/s (median of {rates}); {seconds:.1f}s", flush=True)
+            if i == args.repeats:
+                break
+            seconds, rates = run_ray_train(cfg, args.cpus, f"ray{i}")
+            in_ray.append(steady(rates))
+            print(f"Ray Train, run {i + 1}: {in_ray[-1]:.3f} it/s (median of {rates}); {seconds:.1f}s with Ray "
+                  "Train's start", flush=True)
     print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.iterations} iterations, logged every "
-          f"{args.log_every}, {args.cpus} CPUs per side")
-    print(f"bare_loop_it_per_s_by_interval: {bare}")
-    print(f"ray_train_it_per_s_by_interval: {in_ray}")
-    print(f"bare_loop_wall_seconds: {bare_s:.1f}")
-    print(f"ray_train_wall_seconds_with_startup: {ray_s:.1f}")
-    print(f"bare_loop_it_per_s: {steady(bare):.3f}")
-    print(f"ray_train_it_per_s: {steady(in_ray):.3f}")
-    print(f"ray_train_relative_speed: {steady(in_ray) / steady(bare):.3f}")
+          f"{args.log_every}, {args.cpus} CPUs per side, worker niceness "
+          f"{os.environ.get('RAY_worker_niceness', 'Ray default (15)')}")
+    for i, r in enumerate(in_ray):
+        around = (bare[i] + bare[i + 1]) / 2
+        print(f"run {i + 1}: Ray Train / mean of the bare runs before and after: {r / around:.3f}")
+    print(f"bare_loop_it_per_s: {statistics.median(bare):.3f}")
+    print(f"ray_train_it_per_s: {statistics.median(in_ray):.3f}")
+    print(f"ray_train_relative_speed: {statistics.median(in_ray) / statistics.median(bare):.3f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -217,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    # Ray starts its workers at niceness 15; on a machine shared with other work that starves training.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    from pipeline.raysession import PACKAGE_ROOT
+    from pipeline.raysession import PACKAGE_ROOT, normal_worker_priority
+
+    normal_worker_priority()  # Ray's default niceness 15 lets any other busy process starve training
 
     ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
              log_to_driver=False)

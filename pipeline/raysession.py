@@ -4,6 +4,9 @@ Inside a submitted job (``RAY_ADDRESS`` set) the job's cluster is used; on a lap
 with ``ray start`` on this machine is joined, else a local instance is started. A stale record of a
 ``ray start`` cluster that is no longer running (left by a killed head) would make ``ray.init()`` wait for
 it for minutes: that case starts a local instance instead, and says so.
+
+A local instance started here runs its workers at normal priority: Ray's default (niceness 15) lets any
+other busy process on the machine, Ray's own included, take the CPU from training and preprocessing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def normal_worker_priority() -> None:
+    """Make the next local Ray instance start its workers at niceness 0 (an explicit setting wins)."""
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+
+
 def ensure_ray() -> None:
     """Connect to (or start) Ray once per process; workers can import this package."""
     import ray
@@ -51,4 +62,6 @@ def ensure_ray() -> None:
             log.warning("the Ray cluster recorded by an earlier `ray start` (%s) is not running: starting a "
                         "local Ray instance instead", recorded)
             address = "local"
+    if address in (None, "local"):  # None starts a local instance when there is no cluster to join
+        normal_worker_priority()
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})

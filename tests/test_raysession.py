@@ -48,3 +48,32 @@ def test_live_cluster_record_and_job_address_are_used(init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     raysession.ensure_ray()
     assert init_calls[-1]["address"] == "127.0.0.1:6379"  # inside a submitted job: always the job's cluster
+
+
+def test_local_instances_run_workers_at_normal_priority(init_calls, monkeypatch):
+    import os
+
+    monkeypatch.setattr(raysession, "_recorded_cluster", lambda: None)
+    monkeypatch.delenv(raysession.WORKER_NICENESS_ENV, raising=False)
+    raysession.ensure_ray()
+    assert init_calls[-1]["address"] is None and os.environ[raysession.WORKER_NICENESS_ENV] == "0"
+    monkeypatch.setenv(raysession.WORKER_NICENESS_ENV, "5")  # the user's choice wins
+    raysession.ensure_ray()
+    assert os.environ[raysession.WORKER_NICENESS_ENV] == "5"
+
+
+def test_workers_of_a_local_instance_are_not_niced(tmp_path):
+    # A real local instance, in its own process (the test session may hold another Ray): its tasks run at
+    # niceness 0, not Ray's default 15.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, ray; from pipeline import raysession; raysession.ensure_ray(); "
+            "print('niceness', ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", raysession.WORKER_NICENESS_ENV)}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], cwd=raysession.PACKAGE_ROOT, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "niceness 0" in out.stdout, out.stdout
