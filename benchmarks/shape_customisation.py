@@ -1,6 +1,6 @@
 """Shape customisation at toy scale: do a few sketches move a pretrained GAN's shape distribution?
 
-    taskset -c 1 .venv/bin/python benchmarks/shape_customisation.py [--target circle|square|triangle]
+    .venv/bin/python benchmarks/shape_customisation.py [--target circle|square|triangle] [--parallel 2]
 
 The "shapes" category (`pipeline.data.synthetic`, configs/shapes.yaml): one object per 32 px image, circle,
 square or triangle in equal shares, random colours, sizes, positions and rotations, on flat or gradient
@@ -19,16 +19,19 @@ backgrounds. Steps (each prints a progress line; everything lives below the conf
    images of all shapes. Sample grids go to ``<root>/benchmarks/shape-customisation/<target>/``.
 
 It prints ``fid_target_ratio: X`` (customised / base FID against the target shape) and, last,
-``target_fraction: X`` (customised). Ray is started here with one CPU; run the script pinned to one core.
+``target_fraction: X`` (customised). Ray is started here with ``--parallel`` CPUs: that many customisations
+train side by side, one CPU each (two on this two-core machine; the third waits for a free CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=1000, help="samples per model")
     p.add_argument("--base", default=str(BASE_DIR), help="folder of the base G.pth, D.pth (made when missing)")
     p.add_argument("--classifier-epochs", type=int, default=3)
+    p.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1),
+                   help="`sketchgan train` runs at once, one CPU each (default: up to 2, this machine's cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                    help="extra override for every `sketchgan train` run (repeatable)")
     args = p.parse_args(argv)
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     normal_worker_priority()  # Ray's default niceness 15 lets any other busy process starve training
 
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
+    parallel = max(1, min(args.parallel, len(variants)))
+    ray.init(num_cpus=parallel, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
              log_to_driver=False)
     say(f"target shape: {args.target}; shapes {', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}; "
         f"storage root {root}")
@@ -264,18 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     say(f"base: target fraction {rows[-1]['target_fraction']:.3f}, FID to {args.target}s "
         f"{rows[-1]['fid_target']:.2f}, FID to all {rows[-1]['fid_all']:.2f}")
 
-    seconds = {}
-    for variant in variants:
+    # The customisations run side by side (one CPU each, `parallel` at a time); sampling and scoring follow.
+    seconds, g_paths = {}, {}
+
+    def run_variant(variant: str) -> None:
         t = time.time()
         say(f"customising ({variant}) with `sketchgan train` ...")
-        g_path = customise(cfg, cfg_path, variant, sketch_set, base_g, base_d, args.iterations, args.overrides)
+        g_paths[variant] = customise(cfg, cfg_path, variant, sketch_set, base_g, base_d, args.iterations,
+                                     args.overrides)
         seconds[variant] = time.time() - t
-        images = generate(cfg, g_path, args.n_samples)
+        say(f"{variant}: trained in {seconds[variant]:.0f}s")
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="variant") as pool:
+        for fut in [pool.submit(run_variant, v) for v in variants]:
+            fut.result()
+    for variant in variants:
+        images = generate(cfg, g_paths[variant], args.n_samples)
         grid(images[:64], str(out_dir / f"{variant}.png"))
         rows.append(evaluate(variant, images, classifier, extractor, ref_target, ref_all, args.target))
         r = rows[-1]
-        say(f"{variant}: trained in {seconds[variant]:.0f}s; target fraction {r['target_fraction']:.3f}, FID to "
-            f"{args.target}s {r['fid_target']:.2f}, FID to all {r['fid_all']:.2f}")
+        say(f"{variant}: target fraction {r['target_fraction']:.3f}, FID to {args.target}s {r['fid_target']:.2f}, "
+            f"FID to all {r['fid_all']:.2f}")
 
     base = rows[0]
     print()
