@@ -61,9 +61,12 @@ def make_world(root: Path, cpus: int, args) -> object:
 
 
 def interval_rates(run_uri: str) -> list[float]:
+    """Each logged interval's iterations/s; prints the median share of time spent waiting for images."""
     from pipeline import storage
 
     rows = [json.loads(line) for line in storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+    waits = [r.get("data_wait_frac", 0.0) for r in rows[1:]] or [0.0]
+    print(f"  {run_uri.rsplit('/', 1)[-1]}: waiting for images {statistics.median(waits):.1%} of the time", flush=True)
     return [r["it_per_s"] for r in rows]
 
 

@@ -101,6 +101,7 @@ def test_train_one_worker_writes_the_run_contract(straight, world):
     assert [r["iteration"] for r in rows] == [2, 4]
     for key in ("loss_sketch", "loss_d_sketch", "loss_d_image", "it_per_s", "img_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
+    assert all(0 <= r["data_wait_frac"] < 1 for r in rows)  # time spent waiting for real images
     samples = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "samples"), ".png")]
     assert samples == ["iter-00000000.png", "iter-00000002.png", "iter-00000004.png"]
     ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "checkpoints"), ".pt")]

@@ -306,11 +306,13 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
     if rank == 0 and start == 0:
         write_samples(spec.run_uri, final_generator(step), sample_z, 0, device)
 
-    t0, done_since, logs = time.perf_counter(), 0, {}
+    t0, done_since, logs, data_wait = time.perf_counter(), 0, {}, 0.0
     for it in range(start, total_iters):
         if hooks and hooks.crash_at == it and hooks.crash_marker:
             _crash_once(hooks.crash_marker)
+        t_data = time.perf_counter()
         real = next(images) if images is not None else None
+        data_wait += time.perf_counter() - t_data
         sk = sampler.sample(step.rng) if sampler is not None else None
         logs = step.step(it, real, sk)
         done_since += 1
@@ -323,7 +325,9 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
         if log_now or ckpt_now or eval_now:  # decided from the config alone: every rank reports alike
             dt = max(time.perf_counter() - t0, 1e-9)
             metrics = {"iteration": n_done, **{k: round(float(v), 6) for k, v in logs.items()},
-                       "it_per_s": round(done_since / dt, 4), "img_per_s": round(done_since * global_batch / dt, 3)}
+                       "it_per_s": round(done_since / dt, 4), "img_per_s": round(done_since * global_batch / dt, 3),
+                       # the share of the interval spent waiting for (and decoding) real images: input-bound?
+                       "data_wait_frac": round(data_wait / dt, 4)}
             if eval_now and evaluator is not None:
                 metrics["fid"] = round(evaluator(final_generator(step)), 4)
             history.append(metrics)
@@ -350,7 +354,7 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
         if metrics is not None:
             if report is not None:
                 report(metrics, saved)  # every rank reports at the same iterations (a barrier in Ray Train)
-            t0, done_since = time.perf_counter(), 0
+            t0, done_since, data_wait = time.perf_counter(), 0, 0.0
 
     final_metrics = history[-1] if history else {}
     if rank == 0:
