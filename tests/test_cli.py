@@ -51,3 +51,9 @@ def test_flag_and_set_are_validated(capsys):
     assert "data.size" in capsys.readouterr().err
     assert main(["train", "--set", "train.iterations=-1"]) == 2
     assert "train.iterations" in capsys.readouterr().err
+
+
+def test_preprocess_sketch_precision_flag(capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse refuses a value outside the choices
+        main(["preprocess", "--sketch-precision", "fp16"])
+    assert exc.value.code == 2 and "--sketch-precision" in capsys.readouterr().err
