@@ -67,9 +67,11 @@ def test_photosketch_both_norm_modes():
     F.norm = "per_image"
     per_image = F(v["PS_x"])
     assert rel_l2(per_image, v["PS_per_image"]) <= TOL
-    # per-image normalisation in one batched call == one image at a time
+    # per-image normalisation in one batched call == one image at a time (up to float summation order: with
+    # two threads oneDNN's channels-last kernels split a batch of 2 differently from a batch of 1, measured
+    # 4.4e-5; the two norm modes differ by 17 %)
     one_by_one = torch.cat([F(v["PS_x"][i:i + 1]) for i in range(2)])
-    assert rel_l2(per_image, one_by_one) <= 1e-5
+    assert rel_l2(per_image, one_by_one) <= TOL
     # running statistics are never used nor updated
     assert F.model[2].running_mean.equal(deterministic_state_dict("PhotoSketch")["model.2.running_mean"])
 
