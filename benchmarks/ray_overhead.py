@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
     ap.add_argument("--repeats", type=int, default=2, help="Ray Train runs (bare runs: one more)")
     args = ap.parse_args()
+    from pipeline.raysession import WORKER_NICENESS_ENV
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     bare, in_ray = [], []
@@ -156,7 +158,7 @@ def main() -> None:
                   "Train's start", flush=True)
     print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.iterations} iterations, logged every "
           f"{args.log_every}, {args.cpus} CPUs per side, worker niceness "
-          f"{os.environ.get('RAY_worker_niceness', 'Ray default (15)')}")
+          f"{os.environ.get(WORKER_NICENESS_ENV, 'Ray default (15)')}")
     for i, r in enumerate(in_ray):
         around = (bare[i] + bare[i + 1]) / 2
         print(f"run {i + 1}: Ray Train / mean of the bare runs before and after: {r / around:.3f}")

@@ -77,7 +77,7 @@ class DataConfig(Section):
     actor_threads: int | None = Field(None, ge=1)  # torch threads per sketch actor; default the node's CPUs
     network_batch: int = Field(8, ge=1, le=1024)  # images per sketch-network call inside a batch
     # dtype of the PhotoSketch network while preprocessing: auto = bf16 on GPUs and on CPUs with bf16 matrix
-    # units (AMX / AVX-512 BF16), else fp32; sketches differ from fp32's by about one grey level on average
+    # units (AMX / AVX-512 BF16), else fp32; bf16 sketches differ from fp32's by ~2 grey levels on average
     sketch_precision: Literal["auto", "fp32", "bf16"] = "auto"
     rows_per_file: int = Field(2048, ge=1)  # rows per Parquet file of pairs (at least; per write task)
 
