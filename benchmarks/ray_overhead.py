@@ -1,15 +1,18 @@
 """The GANSketching step rate inside Ray Train beside the bare loop, at the same config, in one run.
 
 Both sides run the same per-worker loop (`pipeline.train.loop.run_worker`) on the same inputs: a dataset
-preprocessed from generated shapes, a sketch set of triangles and a random base G/D at `configs/tiny.yaml`
-(32 px). The bare side calls it in this process, reading real images straight from the Parquet files with
-pyarrow; the Ray Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images
-streamed from a Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the
-first interval (warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare
-for ``--repeats 2``), so that a drift in machine speed during the run affects both alike; each side's figure is
+preprocessed from ``--images`` generated shapes, a sketch set of triangles and a random base G/D at
+`configs/tiny.yaml` (32 px). With the defaults an epoch is 128 steps (1,024 images at batch 8), so a run of
+400 iterations crosses three epoch boundaries, where the Ray Data shard starts a new execution. The bare side
+calls the loop in this process, reading real images straight from the Parquet files with pyarrow; the Ray
+Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images streamed from a
+Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the first interval
+(warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare for
+``--repeats 2``), so that a drift in machine speed during the run affects both alike; each side's figure is
 the median over its runs. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
 
-    python benchmarks/ray_overhead.py [--iterations 200] [--log-every 20] [--batch 8] [--cpus N] [--repeats 2]
+    python benchmarks/ray_overhead.py [--iterations 400] [--log-every 20] [--batch 8] [--images 1024] [--cpus N]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def make_world(root: Path, cpus: int, args) -> object:
     from pipeline.models import factory
     from pipeline.models.checkpoints import save_state_dict
 
-    labels = synthetic.write_shapes_lmdb(str(root / "lsun" / "shapes"), n=96, size=32, seed=0)
+    labels = synthetic.write_shapes_lmdb(str(root / "lsun" / "shapes"), n=args.images, size=32, seed=0)
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"storage.root={root}", f"data.source={root / 'lsun' / 'shapes'}",
         f"train.iterations={args.iterations}", f"train.log_every={args.log_every}",
@@ -125,9 +128,12 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--images", type=int, default=1024,
+                    help="real images in the dataset (an epoch is images / batch steps; each epoch restarts the "
+                         "Ray Data shard's execution)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
     ap.add_argument("--repeats", type=int, default=2, help="Ray Train runs (bare runs: one more)")
     args = ap.parse_args()
@@ -156,7 +162,8 @@ def main() -> None:
             in_ray.append(steady(rates))
             print(f"Ray Train, run {i + 1}: {in_ray[-1]:.3f} it/s (median of {rates}); {seconds:.1f}s with Ray "
                   "Train's start", flush=True)
-    print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.iterations} iterations, logged every "
+    print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.images} real images, "
+          f"{args.iterations} iterations, logged every "
           f"{args.log_every}, {args.cpus} CPUs per side, worker niceness "
           f"{os.environ.get(WORKER_NICENESS_ENV, 'Ray default (15)')}")
     for i, r in enumerate(in_ray):
