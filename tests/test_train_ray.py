@@ -141,6 +141,32 @@ def test_resume_on_request_matches_the_straight_run(world, straight):
     assert again["reused"] and again["metadata"]["g_sha256"] == resumed["metadata"]["g_sha256"]
 
 
+def test_streamed_images_train_the_same_weights_as_a_materialised_dataset(world, straight, monkeypatch):
+    """A dataset too large to materialise streams through a split coordinator; a small one comes one part
+    per rank. Both feed the loop the same batches, so both runs end with the same weights."""
+    monkeypatch.setattr(trainer, "MATERIALIZE_MAX_BYTES", 0)
+    plan = trainer.plan_train(train_cfg(world, "train.run_prefix=streamed"))[0][0]
+    data = trainer.prepare_data([plan])[plan.run_name]
+    assert trainer.image_datasets(data["images"], 1)[1] is False  # really the streaming split path
+    streamed = trainer.train_all(train_cfg(world, "train.run_prefix=streamed"))[0]
+    a, b = weights(straight["run_uri"]), weights(streamed["run_uri"])
+    assert all(torch.equal(a[k], b[k]) for k in a), "streamed images trained other weights"
+
+
+def test_small_datasets_are_split_once_into_one_part_per_rank(ray_local):
+    import ray.data
+
+    small = ray.data.range(10).materialize()
+    parts, per_rank = trainer.image_datasets(small, 2)
+    assert per_rank and sorted(parts) == ["images_0", "images_1"]
+    ids = [sorted(r["id"] for r in parts[f"images_{i}"].take_all()) for i in range(2)]
+    assert len(ids[0]) == len(ids[1]) == 5 and sorted(ids[0] + ids[1]) == list(range(10))
+    assert trainer.image_datasets(small, 1) == ({"images_0": small}, True)
+    lazy = ray.data.range(10)
+    assert trainer.image_datasets(lazy, 2) == ({"images": lazy}, False)
+    assert trainer.image_datasets(None, 2) == ({}, False)
+
+
 def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
     cfg = train_cfg(world, "train.run_prefix=multi", "train.sketch_sets=[{name: tri}, {name: tri2}]",
                     "train.num_workers=2", "train.precision=bf16", "train.iterations=2", "train.batch_size=4",

@@ -324,7 +324,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     make_epoch = None
     if config.get("has_images"):
-        shard = ray.train.get_dataset_shard("images")
+        # a small (materialised) dataset comes as one ready part per rank, else as a streaming split shard
+        shard = ray.train.get_dataset_shard(f"images_{rank}" if config.get("images_per_rank") else "images")
 
         def make_epoch(epoch: int):
             return shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
@@ -441,6 +442,24 @@ def prepare_data(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
+    """Ray Train's ``datasets`` for a run's real images, and whether they come one part per rank.
+
+    A streaming split starts a new execution of the dataset, driven by a coordinator actor, at every epoch,
+    and that actor's scheduling loop takes CPU from training for as long as the epoch lasts. A dataset small
+    enough to be materialised (`read_parquet` with ``cache_small``) is instead split once, on the driver,
+    into equal parts: rank r reads ``images_<r>`` straight from the object store, with no coordinator.
+    """
+    from ray.data.dataset import MaterializedDataset
+
+    if images is None:
+        return {}, False
+    if not isinstance(images, MaterializedDataset):
+        return {"images": images}, False
+    parts = images.split(num_workers, equal=True) if num_workers > 1 else [images]
+    return {f"images_{rank}": part for rank, part in enumerate(parts)}, True
+
+
 def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = None,
                 loop_config: dict | None = None):
     """The `TorchTrainer` for one run, given its `prepare_data` entry (``callbacks`` go to `RunConfig`, e.g.
@@ -450,11 +469,12 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
 
     spec = plan.spec
     t = spec.cfg.train
-    datasets = {"images": data["images"]} if "images" in data else {}
+    datasets, per_rank = image_datasets(data.get("images"), t.num_workers)
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker or 1.0  # fractional: several small fine-tunes share one GPU
-    config = {"spec": asdict(spec), "has_images": "images" in datasets, "shuffle_buffer": 64,
+    config = {"spec": asdict(spec), "has_images": bool(datasets), "images_per_rank": per_rank,
+              "shuffle_buffer": 64,
               "sketches": data.get("sketches"),
               "test_hooks": _test_hooks_from_env(), **(loop_config or {})}
     return TorchTrainer(
@@ -468,7 +488,7 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks, **ray_storage(spec.cfg)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["images"] if "images" in datasets else []),
+        dataset_config=DataConfig(datasets_to_split=[] if per_rank else list(datasets)),
     )
 
 
