@@ -445,10 +445,11 @@ def prepare_data(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
 def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
     """Ray Train's ``datasets`` for a run's real images, and whether they come one part per rank.
 
-    A streaming split starts a new execution of the dataset, driven by a coordinator actor, at every epoch,
-    and that actor's scheduling loop takes CPU from training for as long as the epoch lasts. A dataset small
-    enough to be materialised (`read_parquet` with ``cache_small``) is instead split once, on the driver,
-    into equal parts: rank r reads ``images_<r>`` straight from the object store, with no coordinator.
+    A streaming split starts a new execution of the dataset at every epoch, driven by a coordinator actor (one
+    more process beside training). A dataset small enough to be materialised (`read_parquet` with
+    ``cache_small``) is instead split once, on the driver, into equal parts: rank r reads ``images_<r>``
+    straight from the object store, with no coordinator. (Not measurably faster on a two-core CPU machine:
+    see benchmarks/README.md.)
     """
     from ray.data.dataset import MaterializedDataset
 
