@@ -149,6 +149,9 @@ class TrainConfig(Section):
     transform_fake: str = "toSketch,to3ch"
     transform_real: str = "to3ch"
     dsketch_init: Literal["base", "random"] = "base"
+    # not part of GANSketching (0 = off, the paper): publish a running average of G with this half-life in
+    # thousands of images, which damps the wander of a high learning rate
+    ema_half_life_kimg: float = Field(0.0, ge=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     num_workers: int = Field(1, ge=1)

@@ -141,11 +141,12 @@ def _state_bytes(step):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("kind", ["gansketching", "stylegan2"])
+@pytest.mark.parametrize("kind", ["gansketching", "gansketching_ema", "stylegan2"])
 def test_resume_is_bit_exact(kind):
     def build():
-        if kind == "gansketching":
-            return make_step(seed=5, augment="translation,cutout,color", lambda_weight=0.1)
+        if kind.startswith("gansketching"):
+            ema = {"ema_beta": 0.9} if kind.endswith("ema") else {}
+            return make_step(seed=5, augment="translation,cutout,color", lambda_weight=0.1, **ema)
         G, D, _ = tiny(5)
         return StyleGAN2Step(G, D, ObjectiveConfig(r1_every=2, augment="translation", ema_beta=0.9), seed=5)
 
@@ -163,8 +164,31 @@ def test_resume_is_bit_exact(kind):
     resumed.load_state_dict(saved)
     for i, (r, s) in enumerate(data[3:], start=3):
         resumed.step(i, r, s)
-    for (k, a), b in zip(straight.state_dict()["G"].items(), resumed.state_dict()["G"].values()):
-        assert torch.equal(a, b), k
+    names = ("G", "G_ema") if kind != "gansketching" else ("G",)
+    for name in names:
+        a_state, b_state = straight.state_dict()[name], resumed.state_dict()[name]
+        assert a_state.keys() == b_state.keys()
+        for k in a_state:
+            assert torch.equal(a_state[k], b_state[k]), (name, k)
+
+
+def test_gansketching_ema_is_a_running_average_of_the_tuned_generator():
+    step = make_step(seed=3, trained="all", ema_beta=0.75)
+    before = {k: v.clone() for k, v in step.G.state_dict().items()}
+    step.step(1, *batch())  # iteration 1: no R1
+    after, ema = step.G.state_dict(), step.G_ema.state_dict()
+    moved = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], before[k])]
+    assert moved, "the step did not change G"
+    for k in moved:
+        expected = before[k] + 0.25 * (after[k] - before[k])
+        assert torch.allclose(ema[k], expected, atol=1e-6), k
+    assert make_step(seed=3).G_ema is None  # off by default, as in the paper
+
+
+def test_gansketching_ema_refuses_a_checkpoint_without_one():
+    plain, with_ema = make_step(seed=3), make_step(seed=3, ema_beta=0.9)
+    with pytest.raises(ValueError, match="no G_ema"):
+        with_ema.load_state_dict(_state_bytes(plain))
 
 
 def test_bf16_autocast_runs_on_cpu():

@@ -87,6 +87,20 @@ def test_bare_loop_stopped_and_resumed_matches_straight_run(setup):
     assert meta["resumed_at"] == [4] and meta["iterations"] == 5
 
 
+def test_a_run_with_an_ema_publishes_the_average_not_the_last_weights(setup):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.batch_size=8", "train.iterations=3",
+                   "train.checkpoint_every=3", "train.sample_every=100", "train.trained=all",
+                   "train.ema_half_life_kimg=0.02")
+    loop.run_worker(spec_for(root, cfg, "ema"), bare_epochs(str(root / "datasets" / "shapes"), 8),
+                    sketches_of(str(root / "sketchsets" / "tri")), device=torch.device("cpu"))
+    published = torch.load(root / "runs" / "ema" / "final" / "G.pth", weights_only=True)
+    state = loop.load_checkpoint(loop.latest_checkpoint(str(root / "runs" / "ema")))["step"]
+    for k in published:
+        assert torch.equal(published[k], state["G_ema"][k]), k
+    assert any(not torch.equal(published[k], state["G"][k]) for k in published), "published the last weights"
+
+
 def test_image_stream_resumes_at_its_position():
     def make_epoch(epoch):
         for i in range(3):

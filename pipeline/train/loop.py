@@ -28,7 +28,7 @@ from pipeline.config import Config
 from pipeline.models import factory
 from pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict, sha256_of
 from pipeline.models.sketchers import build_sketcher
-from pipeline.train.objective import GANSketchingStep, ObjectiveConfig, StyleGAN2Step
+from pipeline.train.objective import GANSketchingStep, ObjectiveConfig, StyleGAN2Step, ema_beta_for
 
 log = logging.getLogger("sketchgan.train")
 
@@ -218,7 +218,7 @@ def build_step(spec: RunSpec, device: torch.device, seed: int):
         D = factory.build_discriminator(arch)
         ocfg = ObjectiveConfig(lr=p.lr, r1_gamma=p.r1_gamma, r1_every=p.r1_every, mixing=p.mixing,
                                augment=p.augment, trained="all", precision=p.precision,
-                               ema_beta=StyleGAN2Step.ema_beta_for(p.batch_size, p.ema_half_life_kimg))
+                               ema_beta=ema_beta_for(p.batch_size, p.ema_half_life_kimg))
         return StyleGAN2Step(G, D, ocfg, device=device, seed=seed)
     t = cfg.train
     if cfg.model.base_g:
@@ -231,7 +231,8 @@ def build_step(spec: RunSpec, device: torch.device, seed: int):
         if t.dsketch_init == "base":
             load_into(D_sketch, base_d, source=cfg.model.base_d)
     sketcher = build_sketcher(cfg.data.sketcher, cfg.data.sketcher_weights, norm="batch", device=device)
-    return GANSketchingStep(G, D_sketch, D_image, sketcher, ObjectiveConfig.from_config(t), device=device, seed=seed)
+    ocfg = ObjectiveConfig.from_config(t, ema_beta=ema_beta_for(t.batch_size, t.ema_half_life_kimg) or None)
+    return GANSketchingStep(G, D_sketch, D_image, sketcher, ocfg, device=device, seed=seed)
 
 
 def step_modules(step) -> list[torch.nn.Module]:
@@ -251,8 +252,8 @@ def broadcast_from_rank0(step) -> None:
 
 
 def final_generator(step) -> torch.nn.Module:
-    """What the run publishes: the EMA generator for pretraining, the fine-tuned G for GANSketching."""
-    return step.G_ema if isinstance(step, StyleGAN2Step) else step.G
+    """What the run publishes: the EMA generator when the run keeps one (always for pretraining), else G."""
+    return step.G_ema if getattr(step, "G_ema", None) is not None else step.G
 
 
 # -- the loop --------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class ObjectiveConfig:
     transform_fake: str = "toSketch,to3ch"
     transform_real: str = "to3ch"
     precision: str = "fp32"
-    ema_beta: float | None = None  # plain StyleGAN2 only: EMA of G per step
+    ema_beta: float | None = None  # StyleGAN2: EMA of G per step (default 0.999); GANSketching: None = no EMA
     channels_last: bool = True  # NHWC activations: oneDNN/cuDNN convolutions skip layout reorders
 
     @classmethod
@@ -229,6 +229,20 @@ class _StepBase:
             torch.cuda.set_rng_state_all(s["cuda"])
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """Move ``ema``'s parameters a ``1 - beta`` share towards ``model``'s; copy its buffers."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_beta_for(batch: int, half_life_kimg: float) -> float:
+    """Per-step EMA decay for a half-life counted in thousands of images (0 turns the average off)."""
+    return 0.5 ** (batch / max(half_life_kimg * 1000, 1e-8)) if half_life_kimg > 0 else 0.0
+
+
 def _requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -260,6 +274,10 @@ class GANSketchingStep(_StepBase):
         reg_every = cfg.r1_every if cfg.r1_gamma > 0 else None
         self.opt_g = _adam(self.g_params, cfg.lr, (cfg.beta1, cfg.beta2), device=self.device)
         self.opt_d = _adam(self.d_params, cfg.lr, (cfg.beta1, cfg.beta2), reg_every=reg_every, device=self.device)
+        # Optional, not part of GANSketching: a running average of G damps the step-to-step wander of a
+        # high learning rate (what the run publishes when on).
+        self.G_ema = (copy.deepcopy(self.G).eval().requires_grad_(False)
+                      if cfg.ema_beta is not None and cfg.ema_beta > 0 else None)
 
     def sketch_fake(self, images: torch.Tensor) -> torch.Tensor:
         return self.layout(self.augment(apply_transform(images, self.t_fake, self.sketcher), self.rng))
@@ -332,12 +350,15 @@ class GANSketchingStep(_StepBase):
         self.opt_g.step()
         logs["loss_g_sketch"] = loss_g_sk.item()
         logs["loss_sketch"] = logs["loss_g_sketch"]
+        if self.G_ema is not None:
+            update_ema(self.G_ema, self.G, self.cfg.ema_beta)
         return logs
 
     def state_dict(self) -> dict:
         return {"G": self.G.state_dict(), "D_sketch": self.D_sketch.state_dict(),
                 "D_image": self.D_image.state_dict() if self.D_image is not None else {},
                 "G_originals": {n: t for n, t in zip(self.trained_names, self.g_originals)},
+                **({"G_ema": self.G_ema.state_dict()} if self.G_ema is not None else {}),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": self._rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -346,6 +367,11 @@ class GANSketchingStep(_StepBase):
         if self.D_image is not None:
             self.D_image.load_state_dict(state["D_image"])
         self.g_originals = [state["G_originals"][n].to(self.device) for n in self.trained_names]
+        if self.G_ema is not None:
+            if "G_ema" not in state:
+                raise ValueError("checkpoint has no G_ema: it was written by a run without an EMA of G "
+                                 "(train.ema_half_life_kimg)")
+            self.G_ema.load_state_dict(state["G_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self._load_rng_state(state["rng"])
@@ -364,9 +390,7 @@ class StyleGAN2Step(_StepBase):
         self.opt_d = _adam(list(self.D.parameters()), cfg.lr, (cfg.beta1, cfg.beta2), reg_every=reg_every,
                            device=self.device)
 
-    @staticmethod
-    def ema_beta_for(batch: int, half_life_kimg: float) -> float:
-        return 0.5 ** (batch / max(half_life_kimg * 1000, 1e-8)) if half_life_kimg > 0 else 0.0
+    ema_beta_for = staticmethod(ema_beta_for)
 
     def step(self, iteration: int, real_images: torch.Tensor, user_sketches=None) -> dict:
         cfg, kind = self.cfg, self.cfg.gan_loss
@@ -402,12 +426,7 @@ class StyleGAN2Step(_StepBase):
         self.opt_g.step()
         logs["loss_g"] = loss_g.item()
 
-        beta = cfg.ema_beta if cfg.ema_beta is not None else 0.999
-        with torch.no_grad():
-            for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                p_ema.lerp_(p, 1 - beta)
-            for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-                b_ema.copy_(b)
+        update_ema(self.G_ema, self.G, cfg.ema_beta if cfg.ema_beta is not None else 0.999)
         return logs
 
     def state_dict(self) -> dict:

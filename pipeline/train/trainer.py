@@ -41,7 +41,7 @@ MUST_MATCH = {
     "data": ("sketcher", "sketcher_weights", "category"),
     "train": ("batch_size", "lr", "beta1", "beta2", "lambda_image", "lambda_weight", "r1_gamma", "r1_every",
               "gan_loss", "mixing", "trained", "augment", "transform_fake", "transform_real", "dsketch_init",
-              "precision", "seed", "num_workers"),
+              "ema_half_life_kimg", "precision", "seed", "num_workers"),
     "pretrain": ("batch_size", "lr", "r1_gamma", "r1_every", "ema_half_life_kimg", "mixing", "augment",
                  "precision", "seed"),
 }
