@@ -105,10 +105,10 @@ def run_ray_train(cfg, cpus: int, prefix: str) -> tuple[float, list[float]]:
     import ray
 
     from pipeline.config import with_overrides
-    from pipeline.raysession import normal_worker_priority
+    from pipeline.raysession import local_instance_settings
     from pipeline.train import trainer
 
-    normal_worker_priority()  # as `sketchgan train` starts its local Ray (pipeline.raysession.ensure_ray)
+    local_instance_settings()  # as `sketchgan train` starts its local Ray (pipeline.raysession.ensure_ray)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:

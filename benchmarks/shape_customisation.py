@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.raysession import PACKAGE_ROOT, normal_worker_priority
+    from pipeline.raysession import PACKAGE_ROOT, local_instance_settings
 
-    normal_worker_priority()  # Ray's default niceness 15 lets any other busy process starve training
+    local_instance_settings()  # Ray's default niceness 15 lets any other busy process starve training
 
     parallel = max(1, min(args.parallel or len(variants), len(variants)))
     ray.init(num_cpus=parallel, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},

@@ -6,7 +6,9 @@ with ``ray start`` on this machine is joined, else a local instance is started. 
 it for minutes: that case starts a local instance instead, and says so.
 
 A local instance started here runs its workers at normal priority: Ray's default (niceness 15) lets any
-other busy process on the machine, Ray's own included, take the CPU from training and preprocessing.
+other busy process on the machine, Ray's own included, take the CPU from training and preprocessing. Its Ray
+Train runs also go without the preemption watcher, an extra actor process per run that watches for cloud nodes
+being reclaimed, which a single machine has none of (clusters keep it).
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train passes it from driver to controller
 
 
-def normal_worker_priority() -> None:
-    """Make the next local Ray instance start its workers at niceness 0 (an explicit setting wins)."""
+def local_instance_settings() -> None:
+    """Settings for a Ray instance this process starts on one machine (an explicit setting wins): workers at
+    niceness 0, and Ray Train runs without a preemption watcher."""
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def ensure_ray() -> None:
@@ -63,5 +68,5 @@ def ensure_ray() -> None:
                         "local Ray instance instead", recorded)
             address = "local"
     if address in (None, "local"):  # None starts a local instance when there is no cluster to join
-        normal_worker_priority()
+        local_instance_settings()
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})

@@ -47,8 +47,11 @@ def ray_local(s3_endpoint):
     """A local Ray instance with 2 CPUs for the module (started after S3 so workers inherit its env)."""
     import ray
 
+    from pipeline.raysession import local_instance_settings
+
     if ray.is_initialized():
         ray.shutdown()
+    local_instance_settings()  # as `sketchgan` starts a local instance for users
     # address="local": never attach to a cluster another test (or the user) left behind in /tmp/ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

@@ -50,16 +50,23 @@ def test_live_cluster_record_and_job_address_are_used(init_calls, monkeypatch):
     assert init_calls[-1]["address"] == "127.0.0.1:6379"  # inside a submitted job: always the job's cluster
 
 
-def test_local_instances_run_workers_at_normal_priority(init_calls, monkeypatch):
+def test_local_instances_run_workers_at_normal_priority_without_a_preemption_watcher(init_calls, monkeypatch):
     import os
 
     monkeypatch.setattr(raysession, "_recorded_cluster", lambda: None)
     monkeypatch.delenv(raysession.WORKER_NICENESS_ENV, raising=False)
+    monkeypatch.delenv(raysession.PREEMPTION_WATCHER_ENV, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's job: Ray's defaults stay
+    raysession.ensure_ray()
+    assert raysession.WORKER_NICENESS_ENV not in os.environ and raysession.PREEMPTION_WATCHER_ENV not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
     raysession.ensure_ray()
     assert init_calls[-1]["address"] is None and os.environ[raysession.WORKER_NICENESS_ENV] == "0"
+    assert os.environ[raysession.PREEMPTION_WATCHER_ENV] == "0"
     monkeypatch.setenv(raysession.WORKER_NICENESS_ENV, "5")  # the user's choice wins
+    monkeypatch.setenv(raysession.PREEMPTION_WATCHER_ENV, "1")
     raysession.ensure_ray()
-    assert os.environ[raysession.WORKER_NICENESS_ENV] == "5"
+    assert os.environ[raysession.WORKER_NICENESS_ENV] == "5" and os.environ[raysession.PREEMPTION_WATCHER_ENV] == "1"
 
 
 def test_workers_of_a_local_instance_are_not_niced(tmp_path):

@@ -113,6 +113,14 @@ def test_train_one_worker_writes_the_run_contract(straight, world):
     assert all(torch.equal(g[k], base[k]) for k in g if not k.startswith("style."))  # the rest was not
 
 
+def test_local_runs_go_without_a_preemption_watcher(straight):
+    from ray._private import state as ray_state  # the GCS's actor table, dead actors included
+
+    classes = {a["ActorClassName"] for a in ray_state.actors().values()}
+    assert any("Controller" in c for c in classes), classes  # the table does list Ray Train's actors
+    assert not any("Preemption" in c for c in classes), classes
+
+
 @pytest.mark.reliability
 def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, monkeypatch, tmp_path):
     marker = tmp_path / "crashed-once"
