@@ -7,12 +7,12 @@ preprocessed from ``--images`` generated shapes, a sketch set of triangles and a
 calls the loop in this process, reading real images straight from the Parquet files with pyarrow; the Ray
 Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images streamed from a
 Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the first interval
-(warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare for
-``--repeats 2``), so that a drift in machine speed during the run affects both alike; each side's figure is
+(warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare, Ray, bare
+for ``--repeats 3``), so that a drift in machine speed during the run affects both alike; each side's figure is
 the median over its runs. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
 
     python benchmarks/ray_overhead.py [--iterations 400] [--log-every 20] [--batch 8] [--images 1024] [--cpus N]
-        [--repeats 2]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
                     help="real images in the dataset (an epoch is images / batch steps; each epoch restarts the "
                          "Ray Data shard's execution)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
-    ap.add_argument("--repeats", type=int, default=2, help="Ray Train runs (bare runs: one more)")
+    ap.add_argument("--repeats", type=int, default=3, help="Ray Train runs (bare runs: one more)")
     args = ap.parse_args()
     from pipeline.raysession import WORKER_NICENESS_ENV
 
