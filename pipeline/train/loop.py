@@ -231,7 +231,7 @@ def build_step(spec: RunSpec, device: torch.device, seed: int):
         if t.dsketch_init == "base":
             load_into(D_sketch, base_d, source=cfg.model.base_d)
     sketcher = build_sketcher(cfg.data.sketcher, cfg.data.sketcher_weights, norm="batch", device=device)
-    ocfg = ObjectiveConfig.from_config(t, ema_beta=ema_beta_for(t.batch_size, t.ema_half_life_kimg) or None)
+    ocfg = ObjectiveConfig.from_config(t, ema_beta=ema_beta_for(t.batch_size, t.ema_half_life_kimg))
     return GANSketchingStep(G, D_sketch, D_image, sketcher, ocfg, device=device, seed=seed)
 
 

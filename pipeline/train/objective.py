@@ -109,7 +109,7 @@ class ObjectiveConfig:
     transform_fake: str = "toSketch,to3ch"
     transform_real: str = "to3ch"
     precision: str = "fp32"
-    ema_beta: float | None = None  # StyleGAN2: EMA of G per step (default 0.999); GANSketching: None = no EMA
+    ema_beta: float | None = None  # StyleGAN2: EMA of G per step (default 0.999); GANSketching: None/0 = no EMA
     channels_last: bool = True  # NHWC activations: oneDNN/cuDNN convolutions skip layout reorders
 
     @classmethod
@@ -276,8 +276,7 @@ class GANSketchingStep(_StepBase):
         self.opt_d = _adam(self.d_params, cfg.lr, (cfg.beta1, cfg.beta2), reg_every=reg_every, device=self.device)
         # Optional, not part of GANSketching: a running average of G damps the step-to-step wander of a
         # high learning rate (what the run publishes when on).
-        self.G_ema = (copy.deepcopy(self.G).eval().requires_grad_(False)
-                      if cfg.ema_beta is not None and cfg.ema_beta > 0 else None)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_beta else None
 
     def sketch_fake(self, images: torch.Tensor) -> torch.Tensor:
         return self.layout(self.augment(apply_transform(images, self.t_fake, self.sketcher), self.rng))
@@ -389,8 +388,6 @@ class StyleGAN2Step(_StepBase):
         self.opt_g = _adam(list(self.G.parameters()), cfg.lr, (cfg.beta1, cfg.beta2), device=self.device)
         self.opt_d = _adam(list(self.D.parameters()), cfg.lr, (cfg.beta1, cfg.beta2), reg_every=reg_every,
                            device=self.device)
-
-    ema_beta_for = staticmethod(ema_beta_for)
 
     def step(self, iteration: int, real_images: torch.Tensor, user_sketches=None) -> dict:
         cfg, kind = self.cfg, self.cfg.gan_loss
