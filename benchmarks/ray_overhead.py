@@ -3,16 +3,20 @@
 Both sides run the same per-worker loop (`pipeline.train.loop.run_worker`) on the same inputs: a dataset
 preprocessed from ``--images`` generated shapes, a sketch set of triangles and a random base G/D at
 `configs/tiny.yaml` (32 px). With the defaults an epoch is 128 steps (1,024 images at batch 8), so a run of
-400 iterations crosses three epoch boundaries, where the Ray Data shard starts a new execution. The bare side
-calls the loop in this process, reading real images straight from the Parquet files with pyarrow; the Ray
-Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images streamed from a
-Ray Data shard). Each side's rate is the median of its logged intervals' iterations/s, the first interval
-(warm-up) left out. The two sides alternate, bare first and last (bare, Ray, bare, Ray, bare, Ray, bare
-for ``--repeats 3``), so that a drift in machine speed during the run affects both alike; each side's figure is
-the median over its runs. Prints `ray_train_relative_speed:` (Ray Train over bare) last.
+300 iterations crosses two epoch boundaries, where the Ray Data shard starts a new epoch. The bare side calls
+the loop in a fresh Python process with images read straight from the Parquet files with pyarrow and no Ray
+anywhere; the Ray Train side is `sketchgan train` (a `TorchTrainer` with one worker holding every CPU, images
+from a Ray Data shard), whose worker is a fresh process too. Each run's rate is the median of its logged
+intervals' iterations/s, the first interval (warm-up) left out.
 
-    python benchmarks/ray_overhead.py [--iterations 400] [--log-every 20] [--batch 8] [--images 1024] [--cpus N]
-        [--repeats 3]
+The machine's speed drifts by ±15 % within minutes, so the sides alternate, bare first and last (bare, Ray,
+bare, ... for ``--repeats`` Ray runs), each Ray run is divided by the mean of the two bare runs around it, and
+the figure is the median of those pair ratios. Each run also prints how long the loop waited for images and
+how many cores its process used (the `data_wait_frac` and `cpu_cores` metrics). Prints
+`ray_train_relative_speed:` (Ray Train over bare) last.
+
+    python benchmarks/ray_overhead.py [--iterations 300] [--log-every 20] [--batch 8] [--images 1024] [--cpus N]
+        [--repeats 5]
 """
 
 from __future__ import annotations
@@ -64,12 +68,14 @@ def make_world(root: Path, cpus: int, args) -> object:
 
 
 def interval_rates(run_uri: str) -> list[float]:
-    """Each logged interval's iterations/s; prints the median share of time spent waiting for images."""
+    """Each logged interval's iterations/s; prints the median input wait and cores used after warm-up."""
     from pipeline import storage
 
     rows = [json.loads(line) for line in storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()]
     waits = [r.get("data_wait_frac", 0.0) for r in rows[1:]] or [0.0]
-    print(f"  {run_uri.rsplit('/', 1)[-1]}: waiting for images {statistics.median(waits):.1%} of the time", flush=True)
+    cores = [r.get("cpu_cores", 0.0) for r in rows[1:]] or [0.0]
+    print(f"  {run_uri.rsplit('/', 1)[-1]}: waiting for images {statistics.median(waits):.1%} of the time, "
+          f"{statistics.median(cores):.2f} cores busy in the training process", flush=True)
     return [r["it_per_s"] for r in rows]
 
 
@@ -101,6 +107,31 @@ def run_bare(cfg, threads: int, name: str) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, interval_rates(plan.spec.run_uri)
 
 
+def run_bare_in_child(cfg, threads: int, name: str, root: Path) -> tuple[float, list[float]]:
+    """`run_bare` in a fresh Python process, as Ray Train's worker is one: no state (thread pools, Ray's client
+    threads) carried over from earlier runs in this process."""
+    import subprocess
+
+    cfg_file = root / f"{name}.config.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    out = subprocess.run([sys.executable, __file__, "--bare-child", str(cfg_file), name, "--cpus", str(threads)],
+                         stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bare run {name} failed (exit {out.returncode}); its output is above")
+    *lines, result = out.stdout.rstrip().splitlines()
+    print("\n".join(lines), flush=True)
+    parsed = json.loads(result)
+    return parsed["seconds"], parsed["rates"]
+
+
+def bare_child(cfg_file: str, name: str, threads: int) -> None:
+    from pipeline.config import Config
+
+    cfg = Config.model_validate_json(Path(cfg_file).read_text())
+    seconds, rates = run_bare(cfg, threads, name)
+    print(json.dumps({"seconds": seconds, "rates": rates}), flush=True)
+
+
 def run_ray_train(cfg, cpus: int, prefix: str) -> tuple[float, list[float]]:
     import ray
 
@@ -128,15 +159,18 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=400)
+    ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=1024,
-                    help="real images in the dataset (an epoch is images / batch steps; each epoch restarts the "
-                         "Ray Data shard's execution)")
+                    help="real images in the dataset (an epoch is images / batch steps)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for each side (Ray worker too)")
-    ap.add_argument("--repeats", type=int, default=3, help="Ray Train runs (bare runs: one more)")
+    ap.add_argument("--repeats", type=int, default=5, help="Ray Train runs (bare runs: one more)")
+    ap.add_argument("--bare-child", nargs=2, metavar=("CONFIG_JSON", "NAME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_child:
+        bare_child(*args.bare_child, args.cpus)
+        return
     from pipeline.raysession import WORKER_NICENESS_ENV
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -153,7 +187,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         for i in range(args.repeats + 1):
-            seconds, rates = run_bare(cfg, args.cpus, f"bare{i}")
+            seconds, rates = run_bare_in_child(cfg, args.cpus, f"bare{i}", root)
             bare.append(steady(rates))
             print(f"bare loop, run {i + 1}: {bare[-1]:.3f} it/s (median of {rates}); {seconds:.1f}s", flush=True)
             if i == args.repeats:
@@ -166,12 +200,14 @@ def main() -> None:
           f"{args.iterations} iterations, logged every "
           f"{args.log_every}, {args.cpus} CPUs per side, worker niceness "
           f"{os.environ.get(WORKER_NICENESS_ENV, 'Ray default (15)')}")
+    pairs = []
     for i, r in enumerate(in_ray):
-        around = (bare[i] + bare[i + 1]) / 2
-        print(f"run {i + 1}: Ray Train / mean of the bare runs before and after: {r / around:.3f}")
+        pairs.append(r / ((bare[i] + bare[i + 1]) / 2))
+        print(f"run {i + 1}: Ray Train / mean of the bare runs before and after: {pairs[-1]:.3f}")
     print(f"bare_loop_it_per_s: {statistics.median(bare):.3f}")
     print(f"ray_train_it_per_s: {statistics.median(in_ray):.3f}")
-    print(f"ray_train_relative_speed: {statistics.median(in_ray) / statistics.median(bare):.3f}")
+    print(f"pair ratios: min {min(pairs):.3f}, max {max(pairs):.3f}")
+    print(f"ray_train_relative_speed: {statistics.median(pairs):.3f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ several sketch sets at once, bf16, a worker killed mid-run, and a run stopped an
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,8 @@ def test_train_one_worker_writes_the_run_contract(straight, world):
     for key in ("loss_sketch", "loss_d_sketch", "loss_d_image", "it_per_s", "img_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert all(0 <= r["data_wait_frac"] < 1 for r in rows)  # time spent waiting for real images
+    # the worker's CPU time over wall time: it computed (> 0) on at most the machine's cores
+    assert all(0 < r["cpu_cores"] <= (os.cpu_count() or 1) * 1.05 for r in rows)
     samples = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "samples"), ".png")]
     assert samples == ["iter-00000000.png", "iter-00000002.png", "iter-00000004.png"]
     ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "checkpoints"), ".pt")]

@@ -307,7 +307,7 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
     if rank == 0 and start == 0:
         write_samples(spec.run_uri, final_generator(step), sample_z, 0, device)
 
-    t0, done_since, logs, data_wait = time.perf_counter(), 0, {}, 0.0
+    t0, cpu0, done_since, logs, data_wait = time.perf_counter(), time.process_time(), 0, {}, 0.0
     for it in range(start, total_iters):
         if hooks and hooks.crash_at == it and hooks.crash_marker:
             _crash_once(hooks.crash_marker)
@@ -328,7 +328,9 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
             metrics = {"iteration": n_done, **{k: round(float(v), 6) for k, v in logs.items()},
                        "it_per_s": round(done_since / dt, 4), "img_per_s": round(done_since * global_batch / dt, 3),
                        # the share of the interval spent waiting for (and decoding) real images: input-bound?
-                       "data_wait_frac": round(data_wait / dt, 4)}
+                       "data_wait_frac": round(data_wait / dt, 4),
+                       # CPU time of this whole process over wall time: how many cores the worker actually got
+                       "cpu_cores": round((time.process_time() - cpu0) / dt, 3)}
             if eval_now and evaluator is not None:
                 metrics["fid"] = round(evaluator(final_generator(step)), 4)
             history.append(metrics)
@@ -355,7 +357,7 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
         if metrics is not None:
             if report is not None:
                 report(metrics, saved)  # every rank reports at the same iterations (a barrier in Ray Train)
-            t0, done_since, data_wait = time.perf_counter(), 0, 0.0
+            t0, cpu0, done_since, data_wait = time.perf_counter(), time.process_time(), 0, 0.0
 
     final_metrics = history[-1] if history else {}
     if rank == 0:
