@@ -107,20 +107,19 @@ def run_bare(cfg, threads: int, name: str) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, interval_rates(plan.spec.run_uri)
 
 
-def run_bare_in_child(cfg, threads: int, name: str, root: Path) -> tuple[float, list[float]]:
-    """`run_bare` in a fresh Python process, as Ray Train's worker is one: no state (thread pools, Ray's client
-    threads) carried over from earlier runs in this process."""
+def run_bare_in_child(cfg_file: Path, threads: int, name: str) -> tuple[float, list[float]]:
+    """`run_bare` in a fresh Python process (config from ``cfg_file``), as Ray Train's worker is one: no state
+    (thread pools, Ray's client threads) carried over from earlier runs in this process."""
     import subprocess
 
-    cfg_file = root / f"{name}.config.json"
-    cfg_file.write_text(cfg.model_dump_json())
     out = subprocess.run([sys.executable, __file__, "--bare-child", str(cfg_file), name, "--cpus", str(threads)],
                          stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
+    lines = out.stdout.rstrip().splitlines()
+    if out.returncode != 0 or not lines:
+        print(out.stdout, end="", flush=True)
         raise SystemExit(f"bare run {name} failed (exit {out.returncode}); its output is above")
-    *lines, result = out.stdout.rstrip().splitlines()
-    print("\n".join(lines), flush=True)
-    parsed = json.loads(result)
+    print("\n".join(lines[:-1]), flush=True)
+    parsed = json.loads(lines[-1])
     return parsed["seconds"], parsed["rates"]
 
 
@@ -186,8 +185,10 @@ def main() -> None:
             cfg = make_world(root, args.cpus, args)
         finally:
             ray.shutdown()
+        cfg_file = root / "config.json"  # what each bare child trains on
+        cfg_file.write_text(cfg.model_dump_json())
         for i in range(args.repeats + 1):
-            seconds, rates = run_bare_in_child(cfg, args.cpus, f"bare{i}", root)
+            seconds, rates = run_bare_in_child(cfg_file, args.cpus, f"bare{i}")
             bare.append(steady(rates))
             print(f"bare loop, run {i + 1}: {bare[-1]:.3f} it/s (median of {rates}); {seconds:.1f}s", flush=True)
             if i == args.repeats:
