@@ -11,8 +11,7 @@ intervals' iterations/s, the first interval (warm-up) left out.
 
 The machine's speed drifts by ±15 % within minutes, so the sides alternate, bare first and last (bare, Ray,
 bare, ... for ``--repeats`` Ray runs), each Ray run is divided by the mean of the two bare runs around it, and
-the figure is the median of those pair ratios. Both sides' processes get the pipeline's allocator settings
-(`pipeline.raysession.ALLOCATOR_ENV`). Each run also prints how long the loop waited for images and
+the figure is the median of those pair ratios. Each run also prints how long the loop waited for images and
 how many cores its process used (the `data_wait_frac` and `cpu_cores` metrics). Prints
 `ray_train_relative_speed:` (Ray Train over bare) last.
 
@@ -113,11 +112,8 @@ def run_bare_in_child(cfg_file: Path, threads: int, name: str) -> tuple[float, l
     (thread pools, Ray's client threads) carried over from earlier runs in this process."""
     import subprocess
 
-    from pipeline.raysession import worker_env_vars
-
-    env = {**os.environ, **{k: v for k, v in worker_env_vars().items() if k != "PYTHONPATH"}}  # as Ray's workers
     out = subprocess.run([sys.executable, __file__, "--bare-child", str(cfg_file), name, "--cpus", str(threads)],
-                         stdout=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, text=True)
     lines = out.stdout.rstrip().splitlines()
     if out.returncode != 0 or not lines:
         print(out.stdout, end="", flush=True)
@@ -139,12 +135,12 @@ def run_ray_train(cfg, cpus: int, prefix: str) -> tuple[float, list[float]]:
     import ray
 
     from pipeline.config import with_overrides
-    from pipeline.raysession import local_instance_settings, worker_env_vars
+    from pipeline.raysession import local_instance_settings
     from pipeline.train import trainer
 
     local_instance_settings()  # as `sketchgan train` starts its local Ray (pipeline.raysession.ensure_ray)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env_vars()})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         t0 = time.perf_counter()
         [summary] = trainer.train_all(with_overrides(cfg, [f"train.run_prefix={prefix}"]))
@@ -174,7 +170,7 @@ def main() -> None:
     if args.bare_child:
         bare_child(*args.bare_child, args.cpus)
         return
-    from pipeline.raysession import WORKER_NICENESS_ENV, worker_env_vars
+    from pipeline.raysession import WORKER_NICENESS_ENV
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -204,8 +200,7 @@ def main() -> None:
     print(f"config: configs/tiny.yaml, 32 px, batch {args.batch}, {args.images} real images, "
           f"{args.iterations} iterations, logged every "
           f"{args.log_every}, {args.cpus} CPUs per side, worker niceness "
-          f"{os.environ.get(WORKER_NICENESS_ENV, 'Ray default (15)')}, allocator "
-          + ", ".join(f"{k}={v}" for k, v in worker_env_vars().items() if k != "PYTHONPATH"))
+          f"{os.environ.get(WORKER_NICENESS_ENV, 'Ray default (15)')}")
     pairs = []
     for i, r in enumerate(in_ray):
         pairs.append(r / ((bare[i] + bare[i + 1]) / 2))

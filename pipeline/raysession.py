@@ -9,8 +9,6 @@ A local instance started here runs its workers at normal priority: Ray's default
 other busy process on the machine, Ray's own included, take the CPU from training and preprocessing. Its Ray
 Train runs also go without the preemption watcher, an extra actor process per run that watches for cloud nodes
 being reclaimed, which a single machine has none of (clusters keep it).
-
-Every worker, local or on a cluster, gets glibc's allocator set to keep freed memory (`ALLOCATOR_ENV`).
 """
 
 from __future__ import annotations
@@ -23,18 +21,6 @@ from pathlib import Path
 log = logging.getLogger("sketchgan.ray")
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
-
-# glibc hands blocks over 128 KiB back to the OS on free (and trims the heap's top), so a CPU training step
-# page-faults its activations in afresh every iteration: thousands of faults a second, about 8 % of the step
-# rate here (benchmarks/README.md). These keep blocks up to 32 MiB, and the heap's top up to 1 GiB, in the
-# process. Other C libraries ignore the variables; a value set in the caller's environment wins.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
-def worker_env_vars() -> dict[str, str]:
-    """Environment variables for every Ray worker of this process's jobs: the package on the path, and the
-    allocator settings (`ALLOCATOR_ENV`, each unless this process's environment sets it)."""
-    return {"PYTHONPATH": PACKAGE_ROOT, **{key: os.environ.get(key, value) for key, value in ALLOCATOR_ENV.items()}}
 
 
 def _recorded_cluster() -> str | None:
@@ -83,4 +69,4 @@ def ensure_ray() -> None:
             address = "local"
     if address in (None, "local"):  # None starts a local instance when there is no cluster to join
         local_instance_settings()
-    ray.init(address=address, runtime_env={"env_vars": worker_env_vars()})
+    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})

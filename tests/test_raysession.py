@@ -36,20 +36,6 @@ def test_stale_cluster_record_starts_a_local_instance(init_calls, monkeypatch, c
     assert stale in caplog.text and "not running" in caplog.text
 
 
-def test_workers_get_the_allocator_settings_unless_the_environment_sets_them(init_calls, monkeypatch):
-    monkeypatch.setattr(raysession, "_recorded_cluster", lambda: None)
-    for key in raysession.ALLOCATOR_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's job gets them too
-    raysession.ensure_ray()
-    env = init_calls[-1]["runtime_env"]["env_vars"]
-    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 1024 * 1024) and env["MALLOC_TRIM_THRESHOLD_"] == str(2**30)
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's choice wins
-    raysession.ensure_ray()
-    env = init_calls[-1]["runtime_env"]["env_vars"]
-    assert env["MALLOC_TRIM_THRESHOLD_"] == "131072" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 1024 * 1024)
-
-
 def test_live_cluster_record_and_job_address_are_used(init_calls, monkeypatch):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
