@@ -87,6 +87,15 @@ def test_bare_loop_stopped_and_resumed_matches_straight_run(setup):
     assert meta["resumed_at"] == [4] and meta["iterations"] == 5
 
 
+def test_several_workers_without_a_process_group_are_refused(setup):
+    root, g, d = setup
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.batch_size=8")
+    with pytest.raises(RuntimeError, match="2 workers but no torch.distributed process group"):
+        loop.run_worker(spec_for(root, cfg, "split"), bare_epochs(str(root / "datasets" / "shapes"), 4),
+                        sketches_of(str(root / "sketchsets" / "tri")), world_size=2, device=torch.device("cpu"))
+    assert not (root / "runs" / "split").exists()  # refused before anything was written
+
+
 def test_a_run_with_an_ema_publishes_the_average_not_the_last_weights(setup):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.batch_size=8", "train.iterations=3",

@@ -273,6 +273,10 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
     if global_batch % world_size:
         raise ValueError(f"{spec.kind}.batch_size {global_batch} is not divisible by {world_size} workers")
     batch = global_batch // world_size
+    dist = torch.distributed
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        # without a process group every worker would train its own copy and only rank 0's would be published
+        raise RuntimeError(f"{spec.run_name}: {world_size} workers but no torch.distributed process group")
     t = cfg.train  # the run machinery (intervals, checkpoints) is shared by pretrain and train
     step = build_step(spec, device, seed=section.seed * 1000 + rank)
     broadcast_from_rank0(step)

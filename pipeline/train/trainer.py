@@ -468,6 +468,8 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.backend import torch_config_for
+
     spec = plan.spec
     t = spec.cfg.train
     datasets, per_rank = image_datasets(data.get("images"), t.num_workers)
@@ -482,6 +484,7 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=torch_config_for(t.num_workers),
         run_config=RunConfig(
             # a fresh Ray Train run per launch: our checkpoints, not Ray's, carry state across launches
             name=f"{spec.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
