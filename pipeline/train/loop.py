@@ -28,7 +28,7 @@ from pipeline.config import Config
 from pipeline.models import factory
 from pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict, sha256_of
 from pipeline.models.sketchers import build_sketcher
-from pipeline.train.objective import GANSketchingStep, ObjectiveConfig, StyleGAN2Step, ema_beta_for
+from pipeline.train.objective import GANSketchingStep, ObjectiveConfig, StyleGAN2Step, ema_beta_for, process_group_size
 
 log = logging.getLogger("sketchgan.train")
 
@@ -242,13 +242,12 @@ def step_modules(step) -> list[torch.nn.Module]:
 
 def broadcast_from_rank0(step) -> None:
     """Start every data-parallel worker from rank 0's weights (as DDP does)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if process_group_size() <= 1:
         return
     with torch.no_grad():
         for module in step_modules(step):
             for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
+                torch.distributed.broadcast(t.data, src=0)
 
 
 def final_generator(step) -> torch.nn.Module:
@@ -273,8 +272,7 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
     if global_batch % world_size:
         raise ValueError(f"{spec.kind}.batch_size {global_batch} is not divisible by {world_size} workers")
     batch = global_batch // world_size
-    dist = torch.distributed
-    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+    if world_size > 1 and process_group_size() == 0:
         # without a process group every worker would train its own copy and only rank 0's would be published
         raise RuntimeError(f"{spec.run_name}: {world_size} workers but no torch.distributed process group")
     t = cfg.train  # the run machinery (intervals, checkpoints) is shared by pretrain and train

@@ -156,12 +156,16 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
+def process_group_size() -> int:
+    """Workers in this process's ``torch.distributed`` group; 0 when there is none."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _sync_grads(params) -> None:
     """Average gradients over data-parallel workers (the global batch is split across them)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
-    if world == 1:
+    world = process_group_size()
+    if world <= 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
