@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import EvalConfig  # noqa: E402
 from pipeline.eval.features import build_extractor  # noqa: E402
-from pipeline.eval.fid import fid_from_images, to_uint8  # noqa: E402
+from pipeline.eval.fid import fid_from_images  # noqa: E402
 from pipeline.eval.resize import default_threads  # noqa: E402
+from pipeline.models.sampling import to_uint8  # noqa: E402
 
 
 def _generator(size: int, seed: int):

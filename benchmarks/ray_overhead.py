@@ -61,17 +61,16 @@ def make_world(root: Path, cpus: int, args) -> object:
     torch.manual_seed(0)
     save_state_dict(factory.build_generator(arch), root / "base" / "G.pth")
     save_state_dict(factory.build_discriminator(arch), root / "base" / "D.pth")
-    from pipeline.config import with_overrides
+    from pipeline.config import updated
 
-    return with_overrides(cfg, [f"model.base_g={root / 'base' / 'G.pth'}",
-                                f"model.base_d={root / 'base' / 'D.pth'}"])
+    return updated(cfg, {"model.base_g": str(root / "base" / "G.pth"), "model.base_d": str(root / "base" / "D.pth")})
 
 
 def interval_rates(run_uri: str) -> list[float]:
     """Each logged interval's iterations/s; prints the median input wait and cores used after warm-up."""
-    from pipeline import storage
+    from pipeline.train.run_store import read_metrics
 
-    rows = [json.loads(line) for line in storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()]
+    rows = read_metrics(run_uri)
     waits = [r.get("data_wait_frac", 0.0) for r in rows[1:]] or [0.0]
     cores = [r.get("cpu_cores", 0.0) for r in rows[1:]] or [0.0]
     print(f"  {run_uri.rsplit('/', 1)[-1]}: waiting for images {statistics.median(waits):.1%} of the time, "
@@ -84,14 +83,15 @@ def run_bare(cfg, threads: int, name: str) -> tuple[float, list[float]]:
     import pyarrow.dataset as pads
     import torch
 
-    from pipeline import storage
-    from pipeline.train import trainer
-    from pipeline.train.loop import decode_png_batch, run_worker
+    from pipeline import layout, storage
+    from pipeline.train import plan as planning
+    from pipeline.train.loop import run_worker
+    from pipeline.train.streams import decode_png_batch
 
     torch.set_num_threads(threads)
-    plan, _ = trainer.plan_train_run(cfg, cfg.train.sketch_sets[0], run_name=f"{name}-triangles",
-                                     base_g_sha=trainer.check_base_checkpoints(cfg))
-    fs, path = storage.filesystem(trainer.pairs_uri(plan.dataset_uri))
+    plan = planning.plan_train_run(cfg, cfg.train.sketch_sets[0], run_name=f"{name}-triangles",
+                                   base_g_sha=planning.check_base_checkpoints(cfg))
+    fs, path = storage.filesystem(layout.pairs_uri(plan.dataset_uri))
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
     batch = cfg.train.batch_size
 
@@ -101,7 +101,7 @@ def run_bare(cfg, threads: int, name: str) -> tuple[float, list[float]]:
             for start in range(0, len(images) - batch + 1, batch):  # drop_last, as the Ray Data shard does
                 yield {"image": images[start:start + batch]}
 
-    sketches = decode_png_batch(trainer.read_sketch_blobs(plan.sketchset_uri), 1, cfg.model.size)
+    sketches = decode_png_batch(plan.sketch_set.blobs, 1, cfg.model.size)
     t0 = time.perf_counter()
     run_worker(plan.spec, make_epoch, sketches)
     return time.perf_counter() - t0, interval_rates(plan.spec.run_uri)
@@ -134,16 +134,16 @@ def bare_child(cfg_file: str, name: str, threads: int) -> None:
 def run_ray_train(cfg, cpus: int, prefix: str) -> tuple[float, list[float]]:
     import ray
 
-    from pipeline.config import with_overrides
+    from pipeline.config import updated
     from pipeline.raysession import local_instance_settings
-    from pipeline.train import trainer
+    from pipeline.train.raytrain import train_all
 
     local_instance_settings()  # as `sketchgan train` starts its local Ray (pipeline.raysession.ensure_ray)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         t0 = time.perf_counter()
-        [summary] = trainer.train_all(with_overrides(cfg, [f"train.run_prefix={prefix}"]))
+        [summary] = train_all(updated(cfg, {"train.run_prefix": prefix}))
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()

@@ -88,7 +88,7 @@ def ensure_dataset(cfg: Config, cfg_path: Path) -> tuple[str, dict[str, str]]:
         say(f"writing {N_DATASET} shape images to {lmdb_dir}")
         write_shapes_lmdb(lmdb_dir, N_DATASET, size=cfg.data.size, seed=DATASET_SEED, name=cfg.data.category,
                           backgrounds=BACKGROUNDS)
-    if not storage.exists(storage.join(dataset, "manifest.json")):
+    if not storage.exists(layout.manifest_uri(dataset)):
         say(f"preprocessing {lmdb_dir} -> {dataset} (edges sketcher)")
         cli(["preprocess", *common_args(cfg_path, cfg.storage.root), "--source", lmdb_dir])
     return dataset, read_labels(lmdb_dir)
@@ -96,28 +96,26 @@ def ensure_dataset(cfg: Config, cfg_path: Path) -> tuple[str, dict[str, str]]:
 
 def ensure_base(cfg: Config, cfg_path: Path, base_dir: Path) -> tuple[str, str]:
     """The committed base (G.pth, D.pth); pretrained with `sketchgan pretrain` and copied there when missing."""
-    g, d = base_dir / "G.pth", base_dir / "D.pth"
+    g, d, m = base_dir / layout.G_FILE, base_dir / layout.D_FILE, base_dir / layout.FINAL_METADATA
     if g.is_file() and d.is_file():
-        meta = json.loads((base_dir / "metadata.json").read_text()) if (base_dir / "metadata.json").is_file() else {}
+        meta = json.loads(m.read_text()) if m.is_file() else {}
         say(f"base model: {base_dir} ({meta.get('iterations', '?')} pretraining iterations)")
         return str(g), str(d)
     say(f"no base model at {base_dir}: pretraining one with `sketchgan pretrain` "
         f"({cfg.pretrain.iterations} iterations; about 20 minutes on one idle core, see benchmarks/README.md)")
     t = time.time()
     cli(["pretrain", *common_args(cfg_path, cfg.storage.root)])
-    final = Path(layout.run_uri(cfg, cfg.pretrain.run_name)) / "final"
+    run = layout.run_uri(cfg, cfg.pretrain.run_name)
     base_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("G.pth", "D.pth", "metadata.json"):
-        shutil.copyfile(final / name, base_dir / name)
+    for name in (layout.G_FILE, layout.D_FILE, layout.FINAL_METADATA):
+        shutil.copyfile(layout.final_uri(run, name), base_dir / name)
     say(f"pretrained the base in {time.time() - t:.0f}s -> {base_dir}")
     return str(g), str(d)
 
 
 def dataset_keys(dataset: str) -> set[str]:
     """The source keys (LMDB keys) of the images the preprocessed dataset holds."""
-    from pipeline.data.publish import read_parquet_table
-
-    return set(read_parquet_table(storage.join(dataset, "pairs"), ["source_key"]).column("source_key").to_pylist())
+    return set(storage.read_parquet(layout.pairs_uri(dataset), ["source_key"]).column("source_key").to_pylist())
 
 
 def make_sketch_set(cfg: Config, cfg_path: Path, dataset: str, labels: dict[str, str], target: str) -> str:
@@ -149,7 +147,7 @@ def customise(cfg: Config, cfg_path: Path, variant: str, sketch_set: str, base_g
     for o in overrides:
         args += ["--set", o]
     cli(args)
-    return str(Path(run_uri) / "final" / "G.pth")
+    return layout.final_uri(run_uri, layout.G_FILE)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -157,8 +155,8 @@ def generate(cfg: Config, g_path: str, n: int, batch: int = 100) -> np.ndarray:
     """n uint8 samples from fixed latents (the same for every model) with fixed noise."""
     import torch
 
-    from pipeline.eval.fid import to_uint8
     from pipeline.models import factory
+    from pipeline.models.sampling import to_uint8
 
     G = factory.load_generator(g_path, factory.generator_kwargs(cfg.model), "cpu")
     z = torch.randn(n, cfg.model.style_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.models.photosketch import PhotoSketch  # noqa: E402
 from pipeline.models.sketchers import PhotoSketchSketcher  # noqa: E402
 from pipeline.models.stylegan2 import Discriminator, Generator  # noqa: E402
-from pipeline.train.objective import GANSketchingStep, ObjectiveConfig  # noqa: E402
+from pipeline.train.objective import GANSketchingStep  # noqa: E402
+from pipeline.train.step_base import ObjectiveConfig  # noqa: E402
 
 
 class _WholeProgram:

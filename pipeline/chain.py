@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import layout, storage
-from pipeline.config import Config, with_overrides
+from pipeline.config import Config, updated
 
 
 @dataclass
@@ -40,14 +40,10 @@ class Progress:
         print(f"[{self.index}/{self.total}] {name}: {note or 'done'} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def _sketchset_exists(uri: str) -> bool:
-    return storage.exists(storage.join(uri, "manifest.json"))
-
-
-def prepare_data(cfg: Config) -> str:
+def preprocess_unless_done(cfg: Config) -> str:
     """Preprocess the configured source into the category's dataset unless it is already complete."""
     uri = layout.dataset_uri(cfg)
-    if storage.exists(storage.join(uri, "manifest.json")):
+    if storage.exists(layout.manifest_uri(uri)):
         return f"reusing dataset {uri}"
     if not cfg.data.source:
         raise ValueError(f"dataset {uri} does not exist and data.source is not set: nothing to preprocess")
@@ -64,7 +60,7 @@ def prepare_sketch_sets(cfg: Config) -> tuple[Config, str]:
     notes, specs = [], []
     for spec in cfg.train.sketch_sets:
         uri = spec.uri or layout.sketchset_uri(cfg, spec.name)
-        if _sketchset_exists(uri):
+        if layout.sketch_set_exists(uri):
             notes.append(f"reusing {spec.name}")
         elif spec.from_dir or spec.from_ids:
             sketchsets.create_sketch_set(cfg, spec.name, from_dir=spec.from_dir, from_ids=spec.from_ids,
@@ -74,7 +70,7 @@ def prepare_sketch_sets(cfg: Config) -> tuple[Config, str]:
             raise ValueError(f"sketch set {spec.name!r} does not exist at {uri} and has neither from_dir nor "
                              "from_ids to create it from")
         specs.append({**spec.model_dump(), "uri": uri})
-    return with_overrides(cfg, [f"train.sketch_sets={_json(specs)}"]), ", ".join(notes)
+    return updated(cfg, {"train.sketch_sets": specs}), ", ".join(notes)
 
 
 def prepare_evalsets(cfg: Config, n: int) -> tuple[Config, str]:
@@ -84,31 +80,30 @@ def prepare_evalsets(cfg: Config, n: int) -> tuple[Config, str]:
     notes, specs = [], []
     for spec in cfg.train.sketch_sets:
         uri = spec.evalset or layout.evalset_uri(cfg, spec.name)
-        if storage.exists(storage.join(uri, "manifest.json")):
+        if layout.evalset_exists(uri):
             notes.append(f"reusing {spec.name}")
         else:
             evalsets.create_evalset(cfg, sketchset=spec.uri, dataset=layout.dataset_uri(cfg), n=n, out=uri)
             notes.append(f"created {spec.name} ({n} images)")
         specs.append({**spec.model_dump(), "evalset": uri})
-    return with_overrides(cfg, [f"train.sketch_sets={_json(specs)}"]), ", ".join(notes)
+    return updated(cfg, {"train.sketch_sets": specs}), ", ".join(notes)
 
 
 def ensure_base(cfg: Config, report: ChainReport) -> tuple[Config, str]:
     """Use the configured base checkpoints, or pretrain one on the dataset (reused when finished)."""
     if cfg.model.base_g:
         return cfg, f"using base {cfg.model.base_g}"
-    from pipeline.train.trainer import pretrain
+    from pipeline.train.raytrain import pretrain
 
     summary = pretrain(cfg)
-    final = storage.join(summary["run_uri"], "final")
-    report.base_run_uri = summary["run_uri"]
-    cfg = with_overrides(cfg, [f"model.base_g={_json(storage.join(final, 'G.pth'))}",
-                               f"model.base_d={_json(storage.join(final, 'D.pth'))}"])
+    base = layout.FinishedRun(summary["run_uri"], summary["metadata"])
+    report.base_run_uri = base.uri
+    cfg = updated(cfg, {"model.base_g": base.g_uri, "model.base_d": base.d_uri})
     return cfg, ("reusing" if summary.get("reused") else "pretrained") + f" base {summary['run_uri']}"
 
 
 def train(cfg: Config, report: ChainReport) -> str:
-    from pipeline.train.trainer import train_all
+    from pipeline.train.raytrain import train_all
 
     report.runs = train_all(cfg)
     reused = sum(1 for r in report.runs if r.get("reused"))
@@ -138,16 +133,10 @@ def benchmark(cfg: Config, report: ChainReport) -> str:
             first = cfg.train.sketch_sets[0]
             models.append({"model": report.base_run_uri, "evalset": first.evalset, "category": cfg.data.category,
                            "sketch_set": f"(base vs {first.name})"})
-        cfg = with_overrides(cfg, [f"eval.models={_json(models)}"])
+        cfg = updated(cfg, {"eval.models": models})
     rows = run_benchmark(cfg)
     report.benchmark_uri = layout.benchmark_uri(cfg, cfg.eval.name)
     return "; ".join(f"{r.get('model')} FID {r.get('fid', float('nan')):.2f}" for r in rows)
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:
@@ -166,7 +155,7 @@ def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:
             return out
         return run
 
-    progress.stage("preprocess", step(prepare_data))
+    progress.stage("preprocess", step(preprocess_unless_done))
     progress.stage("sketch sets", step(prepare_sketch_sets))
     progress.stage("evaluation sets", step(lambda c: prepare_evalsets(c, evalset_size)))
     progress.stage("base model", step(lambda c: ensure_base(c, report)))
@@ -176,25 +165,20 @@ def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:
     return report
 
 
-def cli_main(cfg: Config, args) -> int:
-    report = run_chain(cfg)
-    print_where_to_look(cfg, report)
-    return 0
-
-
 def print_where_to_look(cfg: Config, report: ChainReport) -> None:
     print("\nWhere to look:")
     if report.base_run_uri:
-        print(f"  before customisation (base samples): {storage.join(report.base_run_uri, 'samples')}")
+        print(f"  before customisation (base samples): {layout.samples_uri(report.base_run_uri)}")
     for run in report.runs:
-        print(f"  after customisation ({run['run_name']}):   {storage.join(run['run_uri'], 'samples')}")
+        print(f"  after customisation ({run['run_name']}):   {layout.samples_uri(run['run_uri'])}")
     for name, version in report.registered:
         print(f"  registered model: models:/{name}/{version} (alias {cfg.registry.champion_alias} on the best)")
     if report.benchmark_uri:
-        print(f"  benchmark table:  {storage.join(report.benchmark_uri, 'results.md')}")
-        print(f"  FID chart:        {storage.join(report.benchmark_uri, 'fid.png')}")
+        print(f"  benchmark table:  {layout.benchmark_file(report.benchmark_uri, 'markdown')}")
+        print(f"  FID chart:        {layout.benchmark_file(report.benchmark_uri, 'chart')}")
     try:
-        from pipeline.registry.tracking import scrub_text, tracking_uri
+        from pipeline.redact import scrub_text
+        from pipeline.registry.tracking import tracking_uri
 
         print(f"  MLflow UI:        mlflow ui --backend-store-uri {scrub_text(tracking_uri(cfg))}")
     except ImportError:

@@ -108,20 +108,65 @@ class ModelConfig(Section):
         return v
 
 
-class PretrainConfig(Section):
+def _known_policies(v: str) -> str:
+    known = {"translation", "cutout", "color"}
+    for name in (p.strip() for p in v.split(",") if p.strip()):
+        if name not in known:
+            raise ValueError(f"unknown augmentation policy {name!r} (known: {', '.join(sorted(known))})")
+    return v
+
+
+Augment = Annotated[str, AfterValidator(_known_policies)]  # comma list of DiffAugment policies, or ""
+
+
+class GANSettings(Section):
+    """What plain StyleGAN2 training and GANSketching share: the optimiser, R1, style mixing, precision."""
+
+    lr: float = Field(0.002, gt=0)
+    r1_gamma: float = Field(10.0, ge=0)
+    r1_every: int = Field(16, ge=1)
+    mixing: float = Field(0.9, ge=0, le=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class ObjectiveSettings(GANSettings):
+    """The GANSketching objective (the paper's defaults): the only place these defaults are written."""
+
+    lambda_image: float = Field(0.7, ge=0)
+    lambda_weight: float = Field(0.0, ge=0)
+    gan_loss: Literal["softplus", "hinge", "lsgan"] = "softplus"
+    trained: Literal["mapping", "w_shift", "all"] = "mapping"
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    augment: Augment = "translation"
+    transform_fake: str = "toSketch,to3ch"
+    transform_real: str = "to3ch"
+
+
+class RunSettings(Section):
+    """How a training run is run: Ray Train resources, seed, outputs, restarts (pretrain and train each have
+    their own)."""
+
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+    max_failures: int = Field(3, ge=0)
+
+
+class PretrainConfig(GANSettings, RunSettings):
     """Ordinary StyleGAN2 training from scratch (the demo's and tests' base model)."""
 
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.002, gt=0)
-    r1_gamma: float = Field(10.0, ge=0)
-    r1_every: int = Field(16, ge=1)
     ema_half_life_kimg: float = Field(10.0, ge=0)
-    mixing: float = Field(0.9, ge=0, le=1)
-    augment: str = ""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    augment: Augment = ""
     run_name: str = "base"
-    seed: int = 0
 
     @field_validator("run_name")
     @classmethod
@@ -129,42 +174,18 @@ class PretrainConfig(Section):
         return validate_name(v, "run name")
 
 
-class TrainConfig(Section):
+class TrainConfig(ObjectiveSettings, RunSettings):
     """GANSketching fine-tuning, one run per sketch set."""
 
     sketch_sets: list[SketchSetSpec] = Field(default_factory=list)
     iterations: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
-    lr: float = Field(0.002, gt=0)
-    beta1: float = Field(0.0, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    lambda_image: float = Field(0.7, ge=0)
-    lambda_weight: float = Field(0.0, ge=0)
-    r1_gamma: float = Field(10.0, ge=0)
-    r1_every: int = Field(16, ge=1)
-    gan_loss: Literal["softplus", "hinge", "lsgan"] = "softplus"
-    mixing: float = Field(0.9, ge=0, le=1)
-    trained: Literal["mapping", "w_shift", "all"] = "mapping"
-    augment: str = "translation"
-    transform_fake: str = "toSketch,to3ch"
-    transform_real: str = "to3ch"
     dsketch_init: Literal["base", "random"] = "base"
     # not part of GANSketching (0 = off, the paper): publish a running average of G with this half-life in
     # thousands of images, which damps the wander of a high learning rate
     ema_half_life_kimg: float = Field(0.0, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 0
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent_runs: int = Field(4, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    sample_every: int = Field(200, ge=1)
-    log_every: int = Field(20, ge=1)
     eval_every: int | None = Field(None, ge=1)
-    max_failures: int = Field(3, ge=0)
     run_prefix: str = "train"
     resume: str | None = None  # a run name whose latest checkpoint to resume from
 
@@ -177,15 +198,6 @@ class TrainConfig(Section):
     @classmethod
     def _safe_resume(cls, v: str | None) -> str | None:
         return v if v is None else validate_name(v, "run name")
-
-    @field_validator("augment")
-    @classmethod
-    def _known_policies(cls, v: str) -> str:
-        known = {"translation", "cutout", "color"}
-        for name in (p.strip() for p in v.split(",") if p.strip()):
-            if name not in known:
-                raise ValueError(f"unknown augmentation policy {name!r} (known: {', '.join(sorted(known))})")
-        return v
 
 
 class TuneConfig(Section):
@@ -321,8 +333,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load and validate a config file (or the defaults) with ``--set`` overrides applied."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config file (or the defaults): the file, then ``values`` (``{"section.key": value}``,
+    e.g. from command-line flags), then ``--set`` overrides; validated once."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -339,6 +353,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {source}: the top level must be a mapping of sections")
         data = loaded
+    for key, value in (values or {}).items():
+        section, _, field = key.partition(".")
+        data.setdefault(section, {})[field] = value
     data = apply_overrides(data, list(overrides or []))
     try:
         return Config.model_validate(data)
@@ -346,10 +363,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A new validated config: ``cfg`` with ``--set``-style overrides applied."""
-    data = apply_overrides(cfg.model_dump(mode="json"), overrides)
+def updated(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A new validated config: ``cfg`` with ``{"section.key": value}`` changes (Python values, not strings)."""
+    data = cfg.model_dump()
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if not field or not isinstance(data.get(section), dict):
+            raise ConfigError(f"{key}: expected section.key (e.g. train.lr)")
+        data[section][field] = value
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, "overrides")) from None
+        raise ConfigError(_format_errors(exc, "derived configuration")) from None

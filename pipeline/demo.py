@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline import layout, storage
-from pipeline.config import Config, load_config, with_overrides
+from pipeline.config import Config, updated
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 N_IMAGES = 600  # generated images (three shapes, equal shares)
@@ -36,15 +36,10 @@ def write_demo_data(cfg: Config) -> str:
     return lmdb_dir
 
 
-def demo_config(cfg_file: str | None, overrides: list[str]) -> Config:
-    return load_config(cfg_file or DEMO_CONFIG, overrides)
-
-
-def cli_main(cfg: Config, args) -> int:
+def run_demo(cfg: Config) -> None:
+    """Generate the data, then run the whole chain on it and say where to look."""
     from pipeline.chain import print_where_to_look, run_chain
 
-    if args.config is None:  # the embedded default
-        cfg = demo_config(None, args.overrides)
     if storage.is_s3(cfg.storage.root):
         raise ValueError("the demo runs on local storage: set storage.root to a local folder")
     t0 = time.time()
@@ -52,10 +47,7 @@ def cli_main(cfg: Config, args) -> int:
     ids_dir = storage.join(layout.synthetic_uri(cfg), "sketch-ids")
     specs = [{**s.model_dump(), "from_ids": s.from_ids or storage.join(ids_dir, f"{s.name}.txt")}
              for s in cfg.train.sketch_sets]
-    import json
-
-    cfg = with_overrides(cfg, [f"data.source={json.dumps(lmdb_dir)}", f"train.sketch_sets={json.dumps(specs)}"])
+    cfg = updated(cfg, {"data.source": lmdb_dir, "train.sketch_sets": specs})
     report = run_chain(cfg)
     print_where_to_look(cfg, report)
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
-    return 0

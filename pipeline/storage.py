@@ -9,9 +9,12 @@ An S3-compatible endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_U
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import functools
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,52 +26,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-SUPPORTED_SCHEMES = ("", "file", "s3")
+from pipeline.uris import StorageError, is_s3, join, local_path_of, scheme_of, split_s3  # noqa: F401 (re-exported)
+
+log = logging.getLogger("sketchgan.storage")
 _MAX_ATTEMPTS = int(os.environ.get("SKETCHGAN_S3_MAX_ATTEMPTS", "8"))
-
-
-class StorageError(OSError):
-    """A storage location that cannot be used; the message names the URI."""
-
-
-def scheme_of(uri: str) -> str:
-    """The URI's scheme ('' for a plain local path); refuses schemes we cannot read or write."""
-    if not isinstance(uri, str) or not uri:
-        raise StorageError(f"storage location {uri!r}: expected a local path or an s3:// URI")
-    if len(uri) > 1 and uri[1] == ":" and uri[0].isalpha():  # a Windows drive letter, not a scheme
-        return ""
-    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
-    if scheme not in SUPPORTED_SCHEMES:
-        raise StorageError(
-            f"storage location {uri!r}: unsupported scheme {scheme + '://'!r} (use a local path or s3://)"
-        )
-    return scheme
-
-
-def is_s3(uri: str) -> bool:
-    return scheme_of(uri) == "s3"
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path components onto a local path or URI with '/'."""
-    out = base.rstrip("/") if base not in ("/",) else base
-    for part in parts:
-        part = str(part).strip("/")
-        if part:
-            out = f"{out}/{part}" if out else part
-    return out
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-def _split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket:
-        raise StorageError(f"storage location {uri!r}: an s3:// URI needs a bucket name")
-    return bucket, key
 
 
 def endpoint_url() -> str | None:
@@ -113,9 +74,9 @@ def s3_client():
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and in-filesystem path for a URI (for Parquet and Ray Data)."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         return _s3_filesystem(endpoint_url(), _region(), os.getpid()), f"{bucket}/{key}".rstrip("/")
-    return pafs.LocalFileSystem(), str(_local_path(uri).absolute())
+    return pafs.LocalFileSystem(), str(local_path_of(uri).absolute())
 
 
 def _wrap(uri: str, exc: Exception, action: str) -> StorageError:
@@ -125,7 +86,7 @@ def _wrap(uri: str, exc: Exception, action: str) -> StorageError:
 def exists(uri: str) -> bool:
     """Whether a file (object) or non-empty folder (prefix) exists at ``uri``."""
     if not is_s3(uri):
-        return _local_path(uri).exists()
+        return local_path_of(uri).exists()
     fs, path = filesystem(uri)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -137,7 +98,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole content of a file or object."""
     if not is_s3(uri):
         try:
-            return _local_path(uri).read_bytes()
+            return local_path_of(uri).read_bytes()
         except OSError as exc:
             raise _wrap(uri, exc, "cannot read") from exc
     fs, path = filesystem(uri)
@@ -165,13 +126,13 @@ def read_json(uri: str) -> Any:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old content or the whole new one, never a part."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().upload_fileobj(io.BytesIO(data), bucket, key)
         except Exception as exc:  # botocore raises many unrelated types
             raise _wrap(uri, exc, "cannot write") from exc
         return
-    path = _local_path(uri)
+    path = local_path_of(uri)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
@@ -199,13 +160,13 @@ def upload_file(local_path: str | Path, uri: str) -> None:
     """Publish a local file at ``uri`` atomically (rename locally; complete-or-nothing upload on S3)."""
     local_path = Path(local_path)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().upload_file(str(local_path), bucket, key)
         except Exception as exc:
             raise _wrap(uri, exc, "cannot upload to") from exc
         return
-    dest = _local_path(uri)
+    dest = local_path_of(uri)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
@@ -223,14 +184,14 @@ def download_file(uri: str, local_path: str | Path) -> Path:
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().download_file(bucket, key, str(local_path))
         except Exception as exc:
             raise _wrap(uri, exc, "cannot download") from exc
     else:
         try:
-            shutil.copyfile(_local_path(uri), local_path)
+            shutil.copyfile(local_path_of(uri), local_path)
         except OSError as exc:
             raise _wrap(uri, exc, "cannot read") from exc
     return local_path
@@ -240,20 +201,35 @@ def download_file(uri: str, local_path: str | Path) -> Path:
 def local_copy(uri: str) -> Iterator[Path]:
     """A local path holding the file at ``uri`` (the file itself when local, a temporary copy for S3)."""
     if not is_s3(uri):
-        path = _local_path(uri)
+        path = local_path_of(uri)
         if not path.exists():
             raise StorageError(f"cannot read {uri}: no such file")
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="sketchgan-") as tmp:
-        yield download_file(uri, Path(tmp) / Path(_split_s3(uri)[1]).name)
+        yield download_file(uri, Path(tmp) / Path(split_s3(uri)[1]).name)
 
 
-def list_files(prefix: str, suffix: str | None = None) -> list[str]:
-    """URIs of all files below ``prefix`` (recursively), sorted; hidden and temporary names excluded."""
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One file below a listed prefix: its URI, its path inside the filesystem, its path below the prefix, size."""
+
+    uri: str
+    path: str
+    rel: str
+    size: int
+
+
+def list_entries(prefix: str, suffix: str | None = None) -> list[Entry]:
+    """Every file below ``prefix`` (recursively; the file itself when ``prefix`` is one), sorted by path;
+    hidden and temporary names (a part starting with ``.`` or ``_``) excluded. The one listing primitive."""
     fs, path = filesystem(prefix)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        top = fs.get_file_info(path)
+        if top.type == pafs.FileType.File:
+            infos, path = [top], path
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise _wrap(prefix, exc, "cannot list") from exc
     out = []
@@ -261,24 +237,49 @@ def list_files(prefix: str, suffix: str | None = None) -> list[str]:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(path):].lstrip("/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        if any(part.startswith((".", "_")) for part in rel.split("/") if part):
             continue
-        if suffix and not rel.endswith(suffix):
+        if suffix and not info.path.endswith(suffix):
             continue
-        out.append(join(prefix, rel))
-    return sorted(out)
+        out.append(Entry(join(prefix, rel) if rel else prefix, info.path, rel, info.size or 0))
+    return sorted(out, key=lambda e: e.path)
+
+
+def list_files(prefix: str, suffix: str | None = None) -> list[str]:
+    """URIs of all files below ``prefix`` (see `list_entries`), sorted."""
+    return [e.uri for e in list_entries(prefix, suffix)]
+
+
+def write_parquet(uri: str, table) -> None:
+    """Write a pyarrow table as one Parquet file, atomically (see `write_bytes`)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None, filter=None):
+    """The Parquet file or folder at ``uri`` as one table; with a ``filter`` expression only matching rows are
+    kept in memory (the scan streams), so picking a few rows out of a large dataset stays small."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None,
+                           exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+    return dataset.to_table(columns=columns, filter=filter)
 
 
 def delete(uri: str) -> None:
     """Delete one file or object if it exists."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().delete_object(Bucket=bucket, Key=key)
         except Exception as exc:
             raise _wrap(uri, exc, "cannot delete") from exc
     else:
-        _local_path(uri).unlink(missing_ok=True)
+        local_path_of(uri).unlink(missing_ok=True)
 
 
 def delete_prefix(uri: str) -> None:
@@ -291,40 +292,99 @@ def delete_prefix(uri: str) -> None:
         except OSError as exc:
             raise _wrap(uri, exc, "cannot delete") from exc
     else:
-        shutil.rmtree(_local_path(uri), ignore_errors=True)
+        shutil.rmtree(local_path_of(uri), ignore_errors=True)
 
 
-def publish_dir(local_dir: str | Path, uri: str) -> None:
-    """Publish a finished local folder at ``uri``, replacing what was there.
+def _staging_name(out: str, kind: str) -> str:
+    parent, _, name = out.rstrip("/").rpartition("/")
+    return join(parent or ".", f".{name}.{kind}-{uuid.uuid4().hex[:12]}")
 
-    Locally the folder is renamed into place in one step (the old one moved aside first). On S3 every
-    object is uploaded (each atomically) and stale objects that the new folder no longer has are removed;
-    callers make a multi-object set visible by writing its manifest last (see ``write_json``).
-    """
-    local_dir = Path(local_dir)
-    if is_s3(uri):
-        new_keys = set()
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = file.relative_to(local_dir).as_posix()
-            new_keys.add(rel)
-            upload_file(file, join(uri, rel))
-        fs, path = filesystem(uri)
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
-            rel = info.path[len(path):].lstrip("/")
-            if info.type == pafs.FileType.File and rel not in new_keys:
-                fs.delete_file(info.path)
+
+@contextlib.contextmanager
+def _held_lock(staging: str) -> Iterator[None]:
+    """An exclusive lock beside a local staging folder while it is in use: a process that dies (even by SIGKILL)
+    releases it, which is how a later publish knows the folder was abandoned."""
+    if is_s3(staging):
+        yield
         return
-    dest = _local_path(uri)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staged = dest.with_name(f".{dest.name}.staging-{uuid.uuid4().hex}")
-    shutil.copytree(local_dir, staged)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        os.replace(dest, old)
-    os.replace(staged, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    lock = local_path_of(staging).absolute().with_name(local_path_of(staging).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _remove_abandoned(out: str) -> None:
+    """Delete the staging folders beside a local ``out`` whose process died (their lock is free)."""
+    if is_s3(out):
+        return
+    dest = local_path_of(out).absolute()
+    for lock in dest.parent.glob(f".{dest.name}.staging-*.lock"):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live process holds it
+            log.info("removing %s, left by an interrupted run", lock.with_suffix(""))
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+
+
+def _swap_in(staging: str, out: str, marker: str | None) -> None:
+    if not is_s3(out):
+        # same filesystem: two renames, no copy of the (possibly large) data
+        dest, old = local_path_of(out).absolute(), None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+            os.replace(dest, old)
+        os.replace(local_path_of(staging).absolute(), dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    staged = {e.rel: e for e in list_entries(staging)}
+    if marker:
+        delete(join(out, marker))  # from here on readers see an incomplete folder, never a mixed one
+    fs, _ = filesystem(out)
+    try:
+        for rel in sorted(staged, key=lambda r: r == marker):  # the marker last
+            fs.copy_file(staged[rel].path, filesystem(join(out, rel))[1])
+        for entry in list_entries(out):
+            if entry.rel not in staged:
+                fs.delete_file(entry.path)
+    except OSError as exc:
+        raise _wrap(out, exc, "cannot publish") from exc
+
+
+@contextlib.contextmanager
+def staged_publish(out: str, marker: str | None = None) -> Iterator[str]:
+    """Write a folder's new content under a hidden staging name beside ``out``, then make it visible whole.
+
+    Yields the staging URI to write into. When the block ends normally the staged files replace ``out``: locally
+    by renaming the staging folder into place (the old one moved aside first); on S3 by deleting ``marker`` (the
+    file whose presence means "complete", e.g. a manifest) at ``out``, copying the staged objects with the marker
+    last and removing stale ones. When the block raises, the staging is deleted and ``out`` is untouched. Local
+    staging folders left by a killed process are recognised by their free lock and removed.
+    """
+    _remove_abandoned(out)
+    staging = _staging_name(out, "staging")
+    try:
+        with _held_lock(staging):
+            yield staging
+            _swap_in(staging, out, marker)
+    finally:
+        delete_prefix(staging)
+
+
+def publish_dir(local_dir: str | Path, uri: str, marker: str | None = None) -> None:
+    """Publish a finished local folder at ``uri``, replacing what was there (see `staged_publish`)."""
+    local_dir = Path(local_dir)
+    with staged_publish(uri, marker) as staging:
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            upload_file(file, join(staging, file.relative_to(local_dir).as_posix()))
 
 
 def ensure_writable(root: str) -> None:

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from overrides import with_overrides
 from PIL import Image
 
 from pipeline import layout, storage
-from pipeline.config import Config, with_overrides
+from pipeline.config import Config
 from pipeline.eval.features import RandConvExtractor
 from pipeline.eval.fid import extract_features, feature_statistics
 from pipeline.eval.models import BenchmarkError, resolve_models
@@ -220,7 +221,7 @@ def test_registry_refs_and_champions_resolve(tmp_path, monkeypatch):
 
 
 def test_markdown_and_csv_tables():
-    from pipeline.eval.benchmark import to_csv, to_markdown
+    from pipeline.eval.report import to_csv, to_markdown
 
     rows = [{"model": "m|1", "version": "3", "category": "cat", "sketch_set": "s", "n": 10, "fid": 12.345678,
              "kid": 0.0123456, "seconds": 4.56, "evalset": "/e"}]

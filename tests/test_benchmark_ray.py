@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from overrides import with_overrides
 from PIL import Image
 from test_benchmark import make_evalset
 
 from pipeline import layout, storage
-from pipeline.config import Config, with_overrides
+from pipeline.config import Config
 from pipeline.eval.fid import extract_features
 
 torch.set_num_threads(2)
@@ -44,10 +45,11 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     import yaml
 
     from pipeline import cli
-    from pipeline.eval.benchmark import benchmark, generate_batches, load_source
+    from pipeline.eval.benchmark import benchmark, load_source
     from pipeline.eval.features import build_extractor
     from pipeline.eval.fid import fid_from_features
     from pipeline.eval.refstats import load_evalset_images
+    from pipeline.models.sampling import generate_batches
 
     cfg = with_overrides(Config(), [f"storage.root={tmp_path}", "eval.feature_extractor=randconv:0:6",
                                     "eval.batch_size=8", "eval.kid_subsets=3", "eval.kid_subset_size=12",

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config, with_overrides
+from pipeline.config import Config, ConfigError, load_config, updated
 
 
 def write(tmp_path, text):
@@ -106,12 +106,12 @@ def test_bad_override_syntax():
         load_config(None, ["iterations=3"])
 
 
-def test_with_overrides_revalidates():
+def test_updated_revalidates():
     cfg = load_config()
-    new = with_overrides(cfg, ["train.iterations=7"])
+    new = updated(cfg, {"train.iterations": 7})
     assert new.train.iterations == 7 and cfg.train.iterations != 7
     with pytest.raises(ConfigError, match=r"train\.iterations"):
-        with_overrides(cfg, ["train.iterations=-7"])
+        updated(cfg, {"train.iterations": -7})
 
 
 def test_round_trip_yaml(tmp_path):

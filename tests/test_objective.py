@@ -5,17 +5,10 @@ import torch
 
 from pipeline.models.sketchers import build_sketcher
 from pipeline.models.stylegan2 import Discriminator, Generator
-from pipeline.train.objective import (
-    GANSketchingStep,
-    ObjectiveConfig,
-    StyleGAN2Step,
-    apply_transform,
-    d_loss,
-    g_loss,
-    parse_transform,
-    r1_penalty,
-    weight_loss,
-)
+from pipeline.train.losses import apply_transform, d_loss, g_loss, parse_transform, r1_penalty, weight_loss
+from pipeline.train.objective import GANSketchingStep
+from pipeline.train.step_base import ObjectiveConfig
+from pipeline.train.stylegan2_step import StyleGAN2Step
 
 SIZE = 32
 

@@ -17,10 +17,11 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from overrides import with_overrides
 from PIL import Image
 
 from pipeline import cli, storage
-from pipeline.config import Config, with_overrides
+from pipeline.config import Config
 from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 
@@ -208,8 +209,8 @@ PREDICT = textwrap.dedent("""
 
 
 def test_pyfunc_loads_and_predicts_in_a_fresh_process(backend, tmp_path, capsys):
+    from pipeline.models.sampling import render
     from pipeline.registry import mlflow_registry as reg
-    from pipeline.registry.pyfunc_model import render
 
     kind, cfg = backend
     sk = f"p{uuid.uuid4().hex[:6]}"

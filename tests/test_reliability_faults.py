@@ -18,7 +18,9 @@ from pipeline.config import load_config
 from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.storage import StorageError
-from pipeline.train import loop, trainer
+from pipeline.train import loop, run_store, streams
+from pipeline.train import plan as planning
+from pipeline.train.spec import RunSpec
 
 pytestmark = pytest.mark.reliability
 
@@ -44,10 +46,10 @@ def _world(root: str):
     return lambda *o: _cfg(root, f"model.base_g={g}", f"model.base_d={d}", *o)
 
 
-def _train(cfg) -> tuple[loop.RunSpec, dict]:
+def _train(cfg) -> tuple[RunSpec, dict]:
     """Plan on the driver as `sketchgan train` does, then run the worker loop in this process."""
-    [(plan, _)] = trainer.plan_train(cfg)
-    sketches = loop.decode_png_batch(trainer.read_sketch_blobs(plan.sketchset_uri), 1, cfg.model.size)
+    [plan] = planning.plan_train(cfg)
+    sketches = streams.decode_png_batch(plan.sketch_set.blobs, 1, cfg.model.size)
     return plan.spec, loop.run_worker(plan.spec, None, sketches, device=torch.device("cpu"))
 
 
@@ -121,9 +123,9 @@ def test_s3_outage_during_a_checkpoint_upload_is_retried_with_backoff_and_the_ru
     assert o.attempts[-1] - o.attempts[0] >= 2.0 - 0.05  # retries kept going through the whole outage
     assert metrics["iteration"] == 4
     # the checkpoint made during the outage is whole and is the latest; the run finished normally
-    latest = loop.latest_checkpoint(spec.run_uri)
+    latest = run_store.latest_checkpoint(spec.run_uri)
     assert latest.endswith("ckpt-00000004.pt")
-    ckpt = loop.load_checkpoint(latest)
+    ckpt = run_store.load_checkpoint(latest)
     assert ckpt["iteration"] == 4 and ckpt["history"][-1]["iteration"] == 4
     assert storage.read_json(storage.join(spec.run_uri, "final", "metadata.json"))["resumed_at"] == []
 
@@ -149,7 +151,7 @@ def test_s3_down_past_the_retries_fails_clearly_keeps_the_previous_checkpoint_an
     ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(run, "checkpoints"))]
     assert ckpts == ["ckpt-00000002.pt", "latest.json"]  # no partial ckpt-4 object anywhere
     assert storage.read_json(storage.join(run, "checkpoints", "latest.json"))["iteration"] == 2
-    assert loop.load_checkpoint(loop.latest_checkpoint(run))["iteration"] == 2  # the previous one still loads
+    assert run_store.load_checkpoint(run_store.latest_checkpoint(run))["iteration"] == 2  # the previous one still loads
     assert not storage.exists(storage.join(run, "final", "metadata.json"))  # not mistaken for finished
 
     # launched again (as Ray Train's restart does), the run continues from iteration 2 and ends where an

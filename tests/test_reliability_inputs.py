@@ -14,17 +14,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from overrides import with_overrides
 from PIL import Image, ImageDraw
 from tiny_data import write_pairs_dataset, write_random_base, write_sketch_set
 
 from pipeline import cli, layout, storage
-from pipeline.config import Config, ConfigError, load_config, with_overrides
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import preprocess, synthetic
-from pipeline.data.publish import parquet_bytes
 from pipeline.data.sketchsets import SketchSetError, create_sketch_set, load_sketch_set
 from pipeline.names import NameError_
 from pipeline.storage import StorageError
-from pipeline.train import loop, trainer
+from pipeline.train import loop, raytrain, run_store, streams
+from pipeline.train import plan as planning
 
 pytestmark = pytest.mark.reliability
 
@@ -63,16 +64,16 @@ def no_workers(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a worker would have started")
 
-    monkeypatch.setattr(trainer, "prepare_data", boom)
-    monkeypatch.setattr(trainer, "trainer_for", boom)
-    monkeypatch.setattr(trainer, "ensure_ray", boom)
+    monkeypatch.setattr(raytrain, "prepare_run_inputs", boom)
+    monkeypatch.setattr(raytrain, "trainer_for", boom)
+    monkeypatch.setattr(raytrain, "ensure_ray", boom)
 
 
 def _write_stored_set(uri: str, ids: list[str], blobs: list[bytes], size: int = 32, count: int | None = None):
     """A sketch set in the stored layout with exactly these values (bypassing `create_sketch_set`'s checks)."""
     table = pa.table({"id": pa.array(ids, pa.string()), "sketch": pa.array(blobs, pa.binary()),
                       "size": pa.array([size] * len(ids), pa.int64())})
-    storage.write_bytes(storage.join(uri, "sketches.parquet"), parquet_bytes(table))
+    storage.write_parquet(storage.join(uri, "sketches.parquet"), table)
     storage.write_json(storage.join(uri, "manifest.json"),
                        {"name": uri.rsplit("/", 1)[-1], "id": "x", "count": len(ids) if count is None else count,
                         "size": size})
@@ -154,8 +155,8 @@ def test_unreadable_sketch_in_a_stored_set_is_refused_on_the_driver_naming_set_a
     _write_stored_set(str(root / "sketchsets" / "broken"), ["s0", "s1-bad", "s2"],
                       [good, b"\x89PNG\r\n\x1a\ngarbage", good])
     cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: broken}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"sketch set 'broken': sketch 's1-bad' .*undecodable"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"sketch set 'broken': sketch 's1-bad' .*undecodable"):
+        raytrain.train_all(cfg)
     with pytest.raises(SketchSetError, match=r"sketch 's1-bad' is unreadable"):
         load_sketch_set(str(root / "sketchsets" / "broken"))
 
@@ -165,8 +166,8 @@ def test_sketch_set_with_no_rows_is_refused_naming_it(world, no_workers):
     root, g, d = world
     _write_stored_set(str(root / "sketchsets" / "hollow"), [], [], count=3)  # the manifest claims 3
     cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: hollow}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"sketch set 'hollow' .*empty \(no rows\)"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"sketch set 'hollow' .*empty \(no rows\)"):
+        raytrain.train_all(cfg)
     empty = root / "no-drawings"
     empty.mkdir()
     with pytest.raises(SketchSetError, match="no drawings below .*no-drawings"):
@@ -182,11 +183,12 @@ def test_small_sketch_set_of_another_size_and_channels_is_resized_and_sampled_wi
                     "train.batch_size=4", "train.iterations=1", "train.lambda_image=0", "train.checkpoint_every=1",
                     "train.log_every=1", "train.sample_every=10")
     with caplog.at_level(logging.WARNING, logger="sketchgan.train"):
-        [(plan, state)] = trainer.plan_train(cfg)
+        [plan] = planning.plan_train(cfg)
+        state = plan.state
     assert state == "new"
     assert "sketch set 'big' holds sketches of 64x64 px, not model.size 32: they are resized to 32x32" in caplog.text
     # what every worker gets: one channel at the model's size, the strokes kept
-    sk = loop.decode_png_batch(trainer.read_sketch_blobs(plan.sketchset_uri), 1, cfg.model.size)
+    sk = streams.decode_png_batch(plan.sketch_set.blobs, 1, cfg.model.size)
     assert sk.shape == (2, 1, 32, 32) and sk.min() < 0 and sk[:, :, 0, 0].gt(0.9).all()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sketchgan.train"):
@@ -216,8 +218,8 @@ def test_pickled_objects_in_a_base_checkpoint_are_refused_before_training_never_
     evil = root / "evil_netD.pth"
     _evil(evil, marker, torch.load(d, weights_only=True))
     cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={evil}", "train.sketch_sets=[{name: tri}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"model\.base_d: checkpoint .*evil_netD\.pth: refused"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"model\.base_d: checkpoint .*evil_netD\.pth: refused"):
+        raytrain.train_all(cfg)
     assert not marker.exists()
 
 
@@ -228,9 +230,9 @@ def test_pickled_objects_in_a_resume_checkpoint_are_refused_never_executed(tmp_p
     path.parent.mkdir(parents=True)
     _evil(path, marker, {"iteration": 2})
     storage.write_json(f"{run}/checkpoints/latest.json", {"uri": str(path), "iteration": 2})
-    assert loop.latest_checkpoint(run) == str(path)
+    assert run_store.latest_checkpoint(run) == str(path)
     with pytest.raises(ValueError, match=r"checkpoint .*ckpt-00000002\.pt: not readable"):
-        loop.load_checkpoint(loop.latest_checkpoint(run))
+        run_store.load_checkpoint(run_store.latest_checkpoint(run))
     assert not marker.exists()
 
 
@@ -243,8 +245,8 @@ def test_base_checkpoint_with_missing_and_unexpected_keys_lists_them_naming_the_
     odd = root / "odd_netD.pth"
     torch.save(sd, odd)
     cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={odd}", "train.sketch_sets=[{name: tri}]")
-    with pytest.raises(trainer.TrainingInputError) as exc:
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError) as exc:
+        raytrain.train_all(cfg)
     msg = str(exc.value)
     assert msg.startswith("model.base_d:") and "odd_netD.pth" in msg
     assert f"missing keys: {dropped}" in msg and "unexpected keys: stray.weight" in msg
@@ -326,7 +328,7 @@ def test_unwritable_storage_root_is_refused_before_any_work(world, no_workers):
     cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
                     f"storage.root={bad_root}")
     with pytest.raises(StorageError, match=f"storage root {bad_root} is not writable"):
-        trainer.train_all(cfg)
+        raytrain.train_all(cfg)
     pre = load_config(None, [f"data.source={root}", f"data.dataset={bad_root}/datasets/cat"])
     with pytest.raises(StorageError, match=f"storage root {bad_root}/datasets is not writable"):
         preprocess.preprocess(pre)

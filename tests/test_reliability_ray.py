@@ -25,7 +25,7 @@ from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.registry import mlflow_registry as reg
 from pipeline.registry import tracking
-from pipeline.train import trainer
+from pipeline.train import raytrain
 
 pytestmark = pytest.mark.reliability
 
@@ -76,12 +76,12 @@ def test_campaign_of_16_sketch_sets_with_a_killed_worker_all_finish_and_each_is_
     marker = tmp_path / "crashed-once"
     # The first worker to reach iteration 2 dies there (after its checkpoint at 1), without any cleanup; a worker
     # reaching it at the very same moment may die too: each death must be survived alike.
-    monkeypatch.setenv(trainer.CRASH_ENV, f"1:{marker}")
+    monkeypatch.setenv(raytrain.CRASH_ENV, f"1:{marker}")
     sets = ", ".join(f"{{name: set{i:02d}}}" for i in range(N_SETS))
     cfg = _cfg(world, f"train.sketch_sets=[{sets}]", "train.run_prefix=campaign", "train.iterations=2",
                "train.checkpoint_every=1", f"train.max_concurrent_runs={CONCURRENT}", "train.max_failures=1")
     t0 = time.monotonic()
-    summaries = trainer.train_all(cfg)
+    summaries = raytrain.train_all(cfg)
     seconds = time.monotonic() - t0
     assert marker.exists(), "no worker died"
     assert sorted(s["run_name"] for s in summaries) == [f"campaign-set{i:02d}" for i in range(N_SETS)]
@@ -106,8 +106,8 @@ def test_campaign_of_16_sketch_sets_with_a_killed_worker_all_finish_and_each_is_
     uris = [s["run_uri"] for s in summaries]
     lines = reg.track_runs(cfg, uris)
     assert lines == [f"{u}: registered as models:/sketchgan-shapes-{u.rsplit('-', 1)[1]}/1" for u in uris]
-    monkeypatch.delenv(trainer.CRASH_ENV)
-    again = trainer.train_all(cfg)  # the campaign launched again: every run reused, none retrained
+    monkeypatch.delenv(raytrain.CRASH_ENV)
+    again = raytrain.train_all(cfg)  # the campaign launched again: every run reused, none retrained
     assert all(s["reused"] for s in again)
     assert reg.track_runs(cfg, [s["run_uri"] for s in again]) == lines  # and registered again: nothing added
     mlf = tracking.client(cfg)

@@ -18,7 +18,8 @@ from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.registry import mlflow_registry as reg
 from pipeline.registry import tracking
-from pipeline.train import loop, trainer
+from pipeline.train import loop, streams
+from pipeline.train import plan as planning
 
 pytestmark = pytest.mark.reliability
 
@@ -52,13 +53,13 @@ def test_planted_secrets_never_reach_logs_storage_or_mlflow(tmp_path, monkeypatc
     arch = factory.generator_kwargs(cfg.model)
     save_state_dict(factory.build_generator(arch), str(root / "base" / "G.pth"))
     save_state_dict(factory.build_discriminator(arch), str(root / "base" / "D.pth"))
-    from pipeline.config import with_overrides
+    from overrides import with_overrides
 
     cfg = with_overrides(cfg, [f"model.base_g={root / 'base' / 'G.pth'}", f"model.base_d={root / 'base' / 'D.pth'}"])
 
     # train (the driver's planning, then the worker loop), register, list, look up, fail to reach a server
-    [(plan, _)] = trainer.plan_train(cfg)
-    sketches = loop.decode_png_batch(trainer.read_sketch_blobs(plan.sketchset_uri), 1, cfg.model.size)
+    [plan] = planning.plan_train(cfg)
+    sketches = streams.decode_png_batch(plan.sketch_set.blobs, 1, cfg.model.size)
     storage.write_json(storage.join(plan.spec.run_uri, "run.json"), {"run_name": plan.run_name, "kind": "train",
                                                                       "config": plan.spec.config})
     loop.run_worker(plan.spec, None, sketches, device=torch.device("cpu"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.stylegan2 import Discriminator, Generator, ModulatedConv2d, make_kernel, upfirdn2d
+from pipeline.models.stylegan2 import Discriminator, Generator, ModulatedConv2d
+from pipeline.models.stylegan2_layers import make_kernel, upfirdn2d
 
 STYLE = 32
 

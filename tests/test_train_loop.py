@@ -12,9 +12,11 @@ import pytest
 import torch
 from tiny_data import write_pairs_dataset, write_random_base, write_sketch_set
 
-from pipeline import storage
+from pipeline import layout, storage
 from pipeline.config import load_config
-from pipeline.train import loop, trainer
+from pipeline.train import loop, raytrain, run_store, streams
+from pipeline.train import plan as planning
+from pipeline.train.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,12 +53,12 @@ def bare_epochs(dataset_uri: str, batch: int, seed: int = 0):
 
 
 def sketches_of(uri: str, size: int = 32) -> torch.Tensor:
-    return loop.decode_png_batch(trainer.read_sketch_blobs(uri), 1, size)
+    return streams.decode_png_batch(layout.read_sketch_set(uri).blobs, 1, size)
 
 
-def spec_for(root: Path, cfg, run: str) -> loop.RunSpec:
-    return loop.RunSpec(kind="train", run_name=run, run_uri=str(root / "runs" / run),
-                        config=cfg.model_dump(mode="json"), sketch_set={"name": "tri", "id": "x"})
+def spec_for(root: Path, cfg, run: str) -> RunSpec:
+    return RunSpec(kind="train", run_name=run, run_uri=str(root / "runs" / run),
+                        cfg=cfg, sketch_set={"name": "tri", "id": "x"})
 
 
 def test_bare_loop_stopped_and_resumed_matches_straight_run(setup):
@@ -71,7 +73,7 @@ def test_bare_loop_stopped_and_resumed_matches_straight_run(setup):
 
     first = tiny_cfg(root, *common, "train.iterations=4")
     loop.run_worker(spec_for(root, first, "resumed"), make_epoch, sk, device=torch.device("cpu"))
-    ckpt = loop.load_checkpoint(loop.latest_checkpoint(str(root / "runs" / "resumed")))
+    ckpt = run_store.load_checkpoint(run_store.latest_checkpoint(str(root / "runs" / "resumed")))
     assert ckpt["iteration"] == 4 and ckpt["data_position"] == {"epoch": 1, "index": 1}
     loop.run_worker(spec_for(root, straight, "resumed"), make_epoch, sk, device=torch.device("cpu"))
 
@@ -104,7 +106,7 @@ def test_a_run_with_an_ema_publishes_the_average_not_the_last_weights(setup):
     loop.run_worker(spec_for(root, cfg, "ema"), bare_epochs(str(root / "datasets" / "shapes"), 8),
                     sketches_of(str(root / "sketchsets" / "tri")), device=torch.device("cpu"))
     published = torch.load(root / "runs" / "ema" / "final" / "G.pth", weights_only=True)
-    state = loop.load_checkpoint(loop.latest_checkpoint(str(root / "runs" / "ema")))["step"]
+    state = run_store.load_checkpoint(run_store.latest_checkpoint(str(root / "runs" / "ema")))["step"]
     for k in published:
         assert torch.equal(published[k], state["G_ema"][k]), k
     assert any(not torch.equal(published[k], state["G"][k]) for k in published), "published the last weights"
@@ -115,15 +117,15 @@ def test_image_stream_resumes_at_its_position():
         for i in range(3):
             yield {"image": [_png(epoch * 10 + i)]}
 
-    s = loop.ImageStream(make_epoch, size=4, batch=1)
+    s = streams.ImageStream(make_epoch, size=4, batch=1)
     seen = [_value(next(s)) for _ in range(5)]
     assert seen == [0, 1, 2, 10, 11]
-    again = loop.ImageStream(make_epoch, size=4, batch=1, **s.position())
+    again = streams.ImageStream(make_epoch, size=4, batch=1, **s.position())
     assert [_value(next(again)) for _ in range(3)] == [12, 20, 21]
 
 
 def test_image_stream_refuses_a_dataset_smaller_than_a_batch():
-    s = loop.ImageStream(lambda epoch: iter(()), size=4, batch=8)
+    s = streams.ImageStream(lambda epoch: iter(()), size=4, batch=8)
     with pytest.raises(ValueError, match="fewer rows per worker than one batch"):
         next(s)
 
@@ -144,26 +146,26 @@ def _value(x: torch.Tensor) -> int:
 def test_small_sketch_set_is_sampled_with_replacement_with_a_warning_naming_it(caplog):
     sk = torch.arange(2).float().view(2, 1, 1, 1)
     with caplog.at_level(logging.WARNING, logger="sketchgan.train"):
-        s = loop.SketchSampler(sk, "one-cat", batch=5)
+        s = streams.SketchSampler(sk, "one-cat", batch=5)
     assert "one-cat" in caplog.text and "replacement" in caplog.text
     batch = s.sample(torch.Generator().manual_seed(0))
     assert batch.shape[0] == 5 and set(batch.flatten().tolist()) <= {0.0, 1.0}
-    big = loop.SketchSampler(torch.arange(6).float().view(6, 1, 1, 1), "six", batch=6)
+    big = streams.SketchSampler(torch.arange(6).float().view(6, 1, 1, 1), "six", batch=6)
     assert sorted(big.sample(torch.Generator().manual_seed(0)).flatten().tolist()) == list(range(6))
     with pytest.raises(ValueError, match="'none'.*empty"):
-        loop.SketchSampler(torch.zeros(0, 1, 1, 1), "none", batch=2)
+        streams.SketchSampler(torch.zeros(0, 1, 1, 1), "none", batch=2)
 
 
 def test_checkpoints_rotate_and_publish_latest(tmp_path):
     run = str(tmp_path / "run")
     for it in (2, 4, 6, 8):
-        loop.save_checkpoint(run, it, {"iteration": it, "x": torch.tensor([it])}, keep=2)
+        run_store.save_checkpoint(run, it, {"iteration": it, "x": torch.tensor([it])}, keep=2)
     names = [u.rsplit("/", 1)[-1] for u in storage.list_files(run + "/checkpoints", ".pt")]
     assert names == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
-    assert loop.load_checkpoint(loop.latest_checkpoint(run))["iteration"] == 8
-    loop.save_checkpoint(run, 4, {"iteration": 4}, keep=2, name="best")
+    assert run_store.load_checkpoint(run_store.latest_checkpoint(run))["iteration"] == 8
+    run_store.save_checkpoint(run, 4, {"iteration": 4}, keep=2, name="best")
     assert storage.read_json(run + "/checkpoints/best.json")["iteration"] == 4
-    assert loop.load_checkpoint(loop.latest_checkpoint(run))["iteration"] == 8
+    assert run_store.load_checkpoint(run_store.latest_checkpoint(run))["iteration"] == 8
 
 
 # -- validation before any worker starts -----------------------------------------------------------------
@@ -173,8 +175,8 @@ def no_workers(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a worker would have started")
 
-    monkeypatch.setattr(trainer, "prepare_data", boom)
-    monkeypatch.setattr(trainer, "trainer_for", boom)
+    monkeypatch.setattr(raytrain, "prepare_run_inputs", boom)
+    monkeypatch.setattr(raytrain, "trainer_for", boom)
 
 
 @pytest.mark.reliability
@@ -182,8 +184,8 @@ def test_missing_sketch_set_is_refused_by_name(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}",
                    "train.sketch_sets=[{name: tri}, {name: horse-ears}]")
-    with pytest.raises(trainer.TrainingInputError, match="sketch set 'horse-ears' not found"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match="sketch set 'horse-ears' not found"):
+        raytrain.train_all(cfg)
 
 
 @pytest.mark.reliability
@@ -191,8 +193,8 @@ def test_empty_sketch_set_is_refused_by_name(setup, no_workers):
     root, g, d = setup
     write_sketch_set(str(root / "sketchsets" / "blank"), n=0, name="blank")
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: blank}]")
-    with pytest.raises(trainer.TrainingInputError, match="sketch set 'blank'.*empty"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match="sketch set 'blank'.*empty"):
+        raytrain.train_all(cfg)
 
 
 @pytest.mark.reliability
@@ -201,11 +203,11 @@ def test_unreadable_base_checkpoint_is_refused_by_name(setup, no_workers):
     bad = root / "garbage.pth"
     bad.write_bytes(b"not a checkpoint at all")
     cfg = tiny_cfg(root, f"model.base_g={bad}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"model\.base_g.*garbage\.pth"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"model\.base_g.*garbage\.pth"):
+        raytrain.train_all(cfg)
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={root / 'nope.pth'}", "train.sketch_sets=[{name: tri}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"model\.base_d.*nope\.pth.*does not exist"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"model\.base_d.*nope\.pth.*does not exist"):
+        raytrain.train_all(cfg)
 
 
 @pytest.mark.reliability
@@ -213,34 +215,34 @@ def test_mismatched_base_checkpoint_lists_the_differences(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "model.style_dim=32",
                    "train.sketch_sets=[{name: tri}]")
-    with pytest.raises(trainer.TrainingInputError, match=r"(?s)model\.base_g.*netG\.pth.*mis-shaped keys"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match=r"(?s)model\.base_g.*netG\.pth.*mis-shaped keys"):
+        raytrain.train_all(cfg)
 
 
 def test_missing_dataset_and_indivisible_batch_are_refused(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
                    "data.category=horse")
-    with pytest.raises(trainer.TrainingInputError, match="datasets/horse is missing"):
-        trainer.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match="datasets/horse is missing"):
+        raytrain.train_all(cfg)
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
                    "train.num_workers=3")
-    with pytest.raises(trainer.TrainingInputError, match="batch_size 8 is not divisible by train.num_workers 3"):
-        trainer.train_all(cfg)
-    with pytest.raises(trainer.TrainingInputError, match="datasets/horse is missing"):
-        trainer.pretrain(tiny_cfg(root, "data.category=horse"))
+    with pytest.raises(planning.TrainingInputError, match="batch_size 8 is not divisible by train.num_workers 3"):
+        raytrain.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match="datasets/horse is missing"):
+        raytrain.pretrain(tiny_cfg(root, "data.category=horse"))
 
 
 def test_continuing_a_run_with_other_settings_is_refused(setup, no_workers):
     root, g, d = setup
     cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]")
     run = root / "runs" / "train-tri"
-    loop.save_checkpoint(str(run), 2, {"iteration": 2}, keep=1)
+    run_store.save_checkpoint(str(run), 2, {"iteration": 2}, keep=1)
     other = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: tri}]",
                      "train.lr=0.01")
     storage.write_json(str(run / "run.json"), {"kind": "train", "config": other.model_dump(mode="json"),
                                                "sketch_set": {"name": "tri"}})
-    with pytest.raises(trainer.TrainingInputError, match=r"train\.lr: 0\.01 -> 0\.002"):
-        trainer.train_all(cfg)
-    with pytest.raises(trainer.TrainingInputError, match="cannot resume run 'train-nothing'"):
-        trainer.train_all(tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.resume=train-nothing"))
+    with pytest.raises(planning.TrainingInputError, match=r"train\.lr: 0\.01 -> 0\.002"):
+        raytrain.train_all(cfg)
+    with pytest.raises(planning.TrainingInputError, match="cannot resume run 'train-nothing'"):
+        raytrain.train_all(tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.resume=train-nothing"))

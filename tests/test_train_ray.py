@@ -14,7 +14,8 @@ from tiny_data import write_pairs_dataset, write_sketch_set
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.models import factory
-from pipeline.train import trainer
+from pipeline.train import plan as planning
+from pipeline.train import raytrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,16 +40,16 @@ def cfg_for(root: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def base(world):
     """`sketchgan pretrain` with 2 data-parallel workers; its outputs are the base of every train run."""
-    cfg = cfg_for(world, "pretrain.iterations=3", "pretrain.batch_size=8", "train.num_workers=2",
-                  "train.cpus_per_worker=0.5", "train.log_every=1", "train.checkpoint_every=2")
-    summary = trainer.pretrain(cfg)
+    cfg = cfg_for(world, "pretrain.iterations=3", "pretrain.batch_size=8", "pretrain.num_workers=2",
+                  "pretrain.cpus_per_worker=0.5", "pretrain.log_every=1", "pretrain.checkpoint_every=2")
+    summary = raytrain.pretrain(cfg)
     return summary, cfg
 
 
 @pytest.fixture(scope="module")
 def straight(world, base):
     """One worker, four iterations straight through: the reference for the resume and kill tests."""
-    summary = trainer.train_all(train_cfg(world, "train.run_prefix=straight"))[0]
+    summary = raytrain.train_all(train_cfg(world, "train.run_prefix=straight"))[0]
     return summary
 
 
@@ -85,7 +86,7 @@ def test_pretrain_with_two_workers_publishes_a_usable_base(base):
         out = G([torch.randn(2, cfg.model.style_dim)])[0]
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
     # EMA G, not the raw G, is published: it differs from the last raw weights in the checkpoint
-    from pipeline.train.loop import latest_checkpoint, load_checkpoint
+    from pipeline.train.run_store import latest_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt["iteration"] == 3
@@ -127,8 +128,8 @@ def test_local_runs_go_without_a_preemption_watcher(straight):
 @pytest.mark.reliability
 def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, monkeypatch, tmp_path):
     marker = tmp_path / "crashed-once"
-    monkeypatch.setenv(trainer.CRASH_ENV, f"3:{marker}")  # die at iteration 3, after the checkpoint at 2
-    summary = trainer.train_all(train_cfg(world, "train.run_prefix=kill"))[0]
+    monkeypatch.setenv(raytrain.CRASH_ENV, f"3:{marker}")  # die at iteration 3, after the checkpoint at 2
+    summary = raytrain.train_all(train_cfg(world, "train.run_prefix=kill"))[0]
     assert marker.exists(), "the worker never crashed"
     meta = summary["metadata"]
     assert meta["resumed_at"] == [2] and meta["final_metrics"]["iteration"] == 4
@@ -138,28 +139,28 @@ def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, mo
 
 
 def test_resume_on_request_matches_the_straight_run(world, straight):
-    first = trainer.train_all(train_cfg(world, "train.run_prefix=stop", "train.iterations=2"))[0]
+    first = raytrain.train_all(train_cfg(world, "train.run_prefix=stop", "train.iterations=2"))[0]
     assert first["metadata"]["iterations"] == 2
-    with pytest.raises(trainer.TrainingInputError, match="already finished with 2 iterations.*--resume stop-tri"):
-        trainer.train_all(train_cfg(world, "train.run_prefix=stop"))
+    with pytest.raises(planning.TrainingInputError, match="already finished with 2 iterations.*--resume stop-tri"):
+        raytrain.train_all(train_cfg(world, "train.run_prefix=stop"))
     # sketch sets come from the named run when the config lists none
     cfg = train_cfg(world, "train.run_prefix=stop", "train.resume=stop-tri", "train.sketch_sets=[]")
-    resumed = trainer.train_all(cfg)[0]
+    resumed = raytrain.train_all(cfg)[0]
     assert resumed["metadata"]["resumed_at"] == [2] and resumed["metadata"]["iterations"] == 4
     a, b = weights(straight["run_uri"]), weights(resumed["run_uri"])
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the straight run"
-    again = trainer.train_all(cfg)[0]  # finished: reused, not retrained
+    again = raytrain.train_all(cfg)[0]  # finished: reused, not retrained
     assert again["reused"] and again["metadata"]["g_sha256"] == resumed["metadata"]["g_sha256"]
 
 
 def test_streamed_images_train_the_same_weights_as_a_materialised_dataset(world, straight, monkeypatch):
     """A dataset too large to materialise streams through a split coordinator; a small one comes one part
     per rank. Both feed the loop the same batches, so both runs end with the same weights."""
-    monkeypatch.setattr(trainer, "MATERIALIZE_MAX_BYTES", 0)
-    plan = trainer.plan_train(train_cfg(world, "train.run_prefix=streamed"))[0][0]
-    data = trainer.prepare_data([plan])[plan.run_name]
-    assert trainer.image_datasets(data["images"], 1)[1] is False  # really the streaming split path
-    streamed = trainer.train_all(train_cfg(world, "train.run_prefix=streamed"))[0]
+    monkeypatch.setattr(raytrain, "MATERIALIZE_MAX_BYTES", 0)
+    plan = planning.plan_train(train_cfg(world, "train.run_prefix=streamed"))[0]
+    data = raytrain.prepare_run_inputs([plan])[plan.run_name]
+    assert raytrain.image_datasets(data["images"], 1)[1] is False  # really the streaming split path
+    streamed = raytrain.train_all(train_cfg(world, "train.run_prefix=streamed"))[0]
     a, b = weights(straight["run_uri"]), weights(streamed["run_uri"])
     assert all(torch.equal(a[k], b[k]) for k in a), "streamed images trained other weights"
 
@@ -168,21 +169,21 @@ def test_small_datasets_are_split_once_into_one_part_per_rank(ray_local):
     import ray.data
 
     small = ray.data.range(10).materialize()
-    parts, per_rank = trainer.image_datasets(small, 2)
+    parts, per_rank = raytrain.image_datasets(small, 2)
     assert per_rank and sorted(parts) == ["images_0", "images_1"]
     ids = [sorted(r["id"] for r in parts[f"images_{i}"].take_all()) for i in range(2)]
     assert len(ids[0]) == len(ids[1]) == 5 and sorted(ids[0] + ids[1]) == list(range(10))
-    assert trainer.image_datasets(small, 1) == ({"images_0": small}, True)
+    assert raytrain.image_datasets(small, 1) == ({"images_0": small}, True)
     lazy = ray.data.range(10)
-    assert trainer.image_datasets(lazy, 2) == ({"images": lazy}, False)
-    assert trainer.image_datasets(None, 2) == ({}, False)
+    assert raytrain.image_datasets(lazy, 2) == ({"images": lazy}, False)
+    assert raytrain.image_datasets(None, 2) == ({}, False)
 
 
 def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
     cfg = train_cfg(world, "train.run_prefix=multi", "train.sketch_sets=[{name: tri}, {name: tri2}]",
                     "train.num_workers=2", "train.precision=bf16", "train.iterations=2", "train.batch_size=4",
                     "train.max_concurrent_runs=2")
-    summaries = {s["run_name"]: s for s in trainer.train_all(cfg)}
+    summaries = {s["run_name"]: s for s in raytrain.train_all(cfg)}
     assert set(summaries) == {"multi-tri", "multi-tri2"}
     for name, s in summaries.items():
         m = s["metadata"]

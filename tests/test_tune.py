@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from overrides import with_overrides
 from tiny_data import write_pairs_dataset, write_sketch_set
 
 from pipeline import cli, storage
-from pipeline.config import load_config, with_overrides
+from pipeline.config import load_config
 from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 

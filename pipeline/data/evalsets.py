@@ -9,9 +9,9 @@ cells to 32×32. The distance between two sketches is the root-mean-square diffe
 ``n`` dataset images with the smallest distances (ties broken by id) form the evaluation set.
 
 Scoring runs as Ray Data tasks over the dataset's sketches; only (id, distance) pairs come back to the driver,
-then the chosen images are read in a second pass. Layout at URI E: ``E/images.parquet`` (``id``, ``image`` PNG
-RGB, ``size``, ``distance``) and ``E/manifest.json`` (``name``, ``id``, ``count``, ``size``, ``sketchset_id``,
-``dataset``), written last.
+then the chosen images are read in a second pass. Stored as `pipeline.layout` says: a
+table of (``id``, ``image`` PNG RGB, ``size``, ``distance``) and a manifest (``name``, ``id``, ``count``, ``size``,
+``sketchset_id``, ``dataset``), published whole, manifest last.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.data.images import decode_png
-from pipeline.data.publish import parquet_bytes, publish_set, read_parquet_table
+from pipeline.layout import EvalSetError
 from pipeline.names import validate_name
 from pipeline.raysession import ensure_ray
 
@@ -36,10 +36,6 @@ DT_RES = 64  # resolution of the distance transform
 DESC_RES = 32  # descriptor resolution after 2×2 averaging
 DT_CLIP = 0.25  # distances beyond a quarter of the width count the same
 DEFAULT_N = 1000
-
-
-class EvalSetError(ValueError):
-    """An evaluation set that cannot be created or read; the message names the culprit."""
 
 
 def sketch_descriptors(sketches: np.ndarray) -> np.ndarray:
@@ -96,21 +92,19 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
     n = DEFAULT_N if n is None else n
     if n < 1:
         raise EvalSetError(f"--n must be at least 1, got {n}")
-    if not storage.exists(storage.join(dataset, "manifest.json")):
-        raise EvalSetError(f"dataset {dataset} is missing or incomplete (no manifest.json): run `sketchgan "
-                           "preprocess` first")
-    ds_manifest = storage.read_json(storage.join(dataset, "manifest.json"))
+    try:
+        stored = layout.open_dataset(dataset)
+    except layout.DatasetError as exc:
+        raise EvalSetError(str(exc)) from None
     s_manifest, sketches = load_sketch_set(sketchset)
     name = validate_name(name or s_manifest.get("name") or "evalset", "evaluation set name")
     out = out or layout.evalset_uri(cfg, name)
-    pairs = storage.join(dataset, "pairs")
-    if not storage.list_files(pairs, suffix=".parquet"):
-        raise EvalSetError(f"dataset {dataset} has no pairs under {pairs}")
+    pairs = stored.pairs_uri
     chosen = nearest_ids(pairs, sketch_descriptors(sketches), n)
     if not chosen:
         raise EvalSetError(f"dataset {dataset} has no images")
     rank = {rid: i for i, (rid, _) in enumerate(chosen)}
-    table = read_parquet_table(pairs, ["id", "image", "size"], filter=pc.field("id").isin(pa.array(list(rank))))
+    table = storage.read_parquet(pairs, ["id", "image", "size"], filter=pc.field("id").isin(pa.array(list(rank))))
     rows = sorted(zip(table["id"].to_pylist(), table["image"].to_pylist(), table["size"].to_pylist()),
                   key=lambda r: rank[r[0]])
     rows = list({r[0]: r for r in rows}.values())  # one row per id even if the dataset repeats one
@@ -126,34 +120,33 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
         "name": name, "id": h.hexdigest()[:24], "count": images.num_rows,
         "size": sizes[0] if len(sizes) == 1 else sizes,
         "sketchset_id": s_manifest.get("id"), "sketchset": sketchset, "dataset": dataset,
-        "dataset_id": ds_manifest.get("id") or ds_manifest.get("fingerprint"), "requested": n,
+        "dataset_id": stored.id, "requested": n,
         "distance": f"RMS of truncated distance transforms ({DT_RES}px, clip {DT_CLIP}, {DESC_RES}x{DESC_RES}), "
                     "nearest sketch of the set",
         "max_distance": float(images["distance"].to_numpy().max()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    publish_set(out, {"images.parquet": parquet_bytes(images)}, manifest)
+    with storage.staged_publish(out, marker=layout.MANIFEST) as staging:
+        storage.write_parquet(layout.evalset_images_uri(staging), images)
+        storage.write_json(layout.manifest_uri(staging), manifest)
     return {**manifest, "uri": out}
 
 
 def load_evalset(uri: str) -> tuple[dict, np.ndarray]:
-    """(manifest, uint8 N×H×W×3 images) of a stored evaluation set."""
-    man_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(man_uri):
-        raise EvalSetError(f"evaluation set {uri} is missing or incomplete (no manifest.json)")
-    manifest = storage.read_json(man_uri)
-    table = read_parquet_table(storage.join(uri, "images.parquet"), ["id", "image"])
+    """(manifest, uint8 N×H×W×3 images) of a stored evaluation set; an undecodable image is refused by id."""
+    stored = layout.open_evalset(uri)
+    try:
+        table = storage.read_parquet(stored.images_uri, ["id", "image"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvalSetError(f"evaluation set {uri}: cannot read its images ({exc})") from None
     images = []
     for rid, png in zip(table["id"].to_pylist(), table["image"].to_pylist()):
         try:
-            images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            with Image.open(io.BytesIO(png)) as im:
+                images.append(np.asarray(im.convert("RGB")))
         except Exception as exc:  # noqa: BLE001 - any decoding failure names the row
-            raise EvalSetError(f"evaluation set {uri}: image {rid!r} is unreadable ({exc})") from None
-    return manifest, np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
-
-
-def cli_main(cfg: Config, args) -> int:
-    man = create_evalset(cfg, args.sketchset, dataset=args.dataset, n=args.n, out=args.out)
-    print(f"evalset: {man['name']} ({man['count']} images nearest sketch set {man['sketchset_id']}, "
-          f"max distance {man['max_distance']:.4f}, id {man['id']}) -> {man['uri']}")
-    return 0
+            raise EvalSetError(f"evaluation set {uri}: image {rid!r} is not a readable image ({exc})") from None
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise EvalSetError(f"evaluation set {uri}: images of different sizes {sorted(shapes)}")
+    return stored.manifest, np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)

@@ -1,4 +1,5 @@
-"""Decoding dataset and user images safely: any mode to RGB (or L), centre crop, antialiased resize, PNG.
+"""Image helpers: decoding dataset and user images safely (any mode to RGB or L, centre crop, antialiased resize),
+PNG encoding, and tiling images into a grid.
 
 Undecodable, truncated and empty values raise `BadRecord` with a reason. An image whose header declares more
 pixels than allowed is refused from its header alone, before any pixel is decoded (decompression bombs).
@@ -7,6 +8,7 @@ pixels than allowed is refused from its header alone, before any pixel is decode
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -95,3 +97,27 @@ def decode_png(data: bytes) -> np.ndarray:
     """PNG (or any image) bytes -> uint8 array in the stored mode."""
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im)
+
+
+def tile(images: np.ndarray, ncol: int, pad: int = 2) -> Image.Image:
+    """uint8 N x H x W x 3 -> one RGB image, ``ncol`` per row, with white padding."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / ncol)
+    canvas = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y:y + h, x:x + w] = img
+    return Image.fromarray(canvas)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """A PIL image as PNG bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_png(images: np.ndarray, ncol: int | None = None) -> bytes:
+    """uint8 N x H x W x 3 -> a PNG grid, ``ncol`` per row (default: as square as possible)."""
+    return png_bytes(tile(images, ncol or math.ceil(math.sqrt(len(images)))))

@@ -8,24 +8,20 @@ resized or PNG-encoded. On GPU clusters decoding runs in separate CPU tasks inst
 PhotoSketch runs in bf16 where the hardware multiplies bf16 in matrix units (``data.sketch_precision: auto``;
 GPUs, CPUs with AMX or AVX-512 BF16), in fp32 elsewhere; the manifest records which.
 
-Bad records become rows of ``errors/`` (source key + reason) and the run fails, publishing nothing, when more
-than ``data.max_error_rate`` of the records are bad. Everything is written below a hidden staging location
-next to the output and published whole: locally by renaming the staged folder into place (the old one is
-moved aside first), on S3 by copying the staged objects and writing ``manifest.json`` last. A dataset without
-a manifest is incomplete and readers ignore it. Ids derive from the category and source key, so a re-run
-yields the same rows and replaces the dataset (no duplicates).
+Bad records become rows of the dataset's error table (source key + reason) and the run fails, publishing nothing,
+when more than ``data.max_error_rate`` of the records are bad. Everything is written below a hidden staging
+location next to the output and published whole (`storage.staged_publish`, the manifest last); a dataset without
+a manifest is incomplete and readers refuse it. Ids derive from the category and source key, so a re-run yields
+the same rows and replaces the dataset (no duplicates).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -163,7 +159,7 @@ def _pairs_datasink_class():
             bad = table.filter(bad_mask).select(["source_key", "reason"]).cast(ERROR_SCHEMA)
             name = f"part-{ctx.task_idx:06d}.parquet"
             files = []
-            for rel, part in ((f"pairs/category={self.category}/{name}", good), (f"errors/{name}", bad)):
+            for rel, part in ((layout.pairs_part(self.category, name), good), (layout.errors_part(name), bad)):
                 if part.num_rows:
                     fs, path = storage.filesystem(storage.join(self.staging, rel))
                     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -217,68 +213,6 @@ def dataset_id(category: str, size: int, sketcher: str, input_fingerprint: str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _publish(staging: str, out: str, manifest: dict) -> None:
-    """Make the staged dataset visible at ``out`` as a whole, manifest last."""
-    if storage.is_s3(out):
-        storage.delete(storage.join(out, "manifest.json"))  # from here on, readers see "incomplete"
-        storage.delete_prefix(out)
-        for uri in storage.list_files(staging):
-            rel = uri[len(staging):].lstrip("/")
-            fs, src = storage.filesystem(uri)
-            fs.copy_file(src, storage.filesystem(storage.join(out, rel))[1])
-        storage.write_json(storage.join(out, "manifest.json"), manifest)
-        storage.delete_prefix(staging)
-        return
-    # Same filesystem, so a rename: no copy of the (large) data, and the swap is two renames.
-    storage.write_json(storage.join(staging, "manifest.json"), manifest)
-    dest = storage._local_path(out).absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        os.replace(dest, old)
-    os.replace(storage._local_path(staging), dest)
-    if old is not None:
-        storage.delete_prefix(str(old))
-
-
-def _staging_for(out: str) -> str:
-    parent, name = out.rstrip("/").rsplit("/", 1) if "/" in out.rstrip("/") else (".", out)
-    return storage.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-
-
-@contextlib.contextmanager
-def _staging_lock(staging: str):
-    """Hold an exclusive lock beside a local staging folder while this run uses it: a driver that dies (even by
-    SIGKILL) releases it, which is how a later run knows the folder is abandoned (see `_sweep_abandoned`)."""
-    if storage.is_s3(staging):
-        yield
-        return
-    lock = storage._local_path(staging).absolute().with_name(storage._local_path(staging).name + ".lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-
-
-def _sweep_abandoned(out: str) -> None:
-    """Remove the staging folders beside a local ``out`` left by runs whose driver died (their lock is free)."""
-    if storage.is_s3(out):
-        return
-    dest = storage._local_path(out).absolute()
-    for lock in dest.parent.glob(f".{dest.name}.staging-*.lock"):
-        with open(lock, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live run holds it
-            log.info("removing %s, left by an interrupted run", lock.with_suffix(""))
-            storage.delete_prefix(str(lock.with_suffix("")))
-            lock.unlink(missing_ok=True)
-
-
 def build_pipeline(cfg: Config, staging: str):
     """(dataset to write, datasink, input fingerprint, sketcher fingerprint, actor plan) for ``cfg.data``; the
     plan holds the sketch precision that ``data.sketch_precision`` resolved to."""
@@ -311,7 +245,6 @@ def build_pipeline(cfg: Config, staging: str):
 
 def preprocess(cfg: Config) -> str:
     """Run the stage for ``cfg.data`` and publish the dataset; returns the summary line."""
-
     from pipeline.models.sketchers import build_sketcher
 
     d = cfg.data
@@ -319,23 +252,18 @@ def preprocess(cfg: Config) -> str:
         raise PreprocessError("data.source is not set (--source): an LSUN LMDB folder, image folder or Parquet URI")
     out = layout.dataset_uri(cfg)
     build_sketcher(d.sketcher, d.sketcher_weights)  # a bad name or unusable weights fail here, before any work
-    staging = _staging_for(out)
-    storage.ensure_writable(staging.rsplit("/", 1)[0])
-    _sweep_abandoned(out)
+    storage.ensure_writable(out.rstrip("/").rsplit("/", 1)[0])
     ensure_ray()
     t0 = time.time()
-    try:
-        with _staging_lock(staging):
-            counts, rate, elapsed = _run(cfg, d, out, staging, t0)
-    except BaseException:
-        storage.delete_prefix(staging)
-        raise
+    with storage.staged_publish(out, marker=layout.MANIFEST) as staging:
+        counts, rate = _run(cfg, d, out, staging, t0)
+    elapsed = time.time() - t0
     return (f"{counts['rows_in']} records in, {counts['rows_out']} pairs out, {counts['errors']} errors "
             f"({rate:.2%}), {counts['rows_in'] / max(elapsed, 1e-9):.1f} images/s over {elapsed:.1f}s -> {out}")
 
 
-def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float, float]:
-    """Build, run and publish the dataset (the body of `preprocess`, inside its staging lock)."""
+def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float]:
+    """Build and run the dataset into ``staging`` and write its manifest (the body of `preprocess`)."""
     ds, sink, input_fp, fingerprint, plan = build_pipeline(cfg, staging)
     log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each, sketching in %s", d.source, out,
              plan["actors"], plan["threads"], plan["precision"])
@@ -353,30 +281,17 @@ def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float
             f"{counts['errors']} of {counts['rows_in']} records from {d.source} are bad ({rate:.2%} > "
             f"data.max_error_rate {d.max_error_rate:.2%}); nothing was published. First ones: {examples}")
     files = result["files"]
-    if not any(f.startswith("errors/") for f in files):  # keep errors/ readable with its schema
-        _write_empty_errors(storage.join(staging, "errors", "part-none.parquet"))
-        files = [*files, "errors/part-none.parquet"]
-    elapsed = time.time() - t0
+    if not any(f.startswith(layout.errors_part("")) for f in files):  # keep errors/ readable with its schema
+        empty = layout.errors_part("part-none.parquet")
+        storage.write_parquet(storage.join(staging, empty), ERROR_SCHEMA.empty_table())
+        files = [*files, empty]
     manifest = {
         "id": dataset_id(d.category, d.size, fingerprint, input_fp, plan["precision"]),
         "format_version": FORMAT_VERSION, "category": d.category, "size": d.size, "sketcher": fingerprint,
         "sketch_precision": plan["precision"], "source": d.source, "limit": d.limit,
         "input_fingerprint": input_fp, "counts": counts, "rows": counts["rows_out"],
-        "config": d.model_dump(mode="json"), "files": files, "seconds": round(elapsed, 2),
+        "config": d.model_dump(mode="json"), "files": files, "seconds": round(time.time() - t0, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _publish(staging, out, manifest)
-    return counts, rate, elapsed
-
-
-def _write_empty_errors(uri: str) -> None:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(ERROR_SCHEMA.empty_table(), path, filesystem=fs)
-
-
-def cli_main(cfg: Config, args) -> int:
-    print(f"preprocess: {preprocess(cfg)}", flush=True)
-    return 0
+    storage.write_json(storage.join(staging, layout.MANIFEST), manifest)
+    return counts, rate

@@ -5,8 +5,8 @@ and resized (antialiased) to the model's resolution ``model.size``. With ``--fro
 preprocessed dataset are taken by row ``id`` or by ``source_key`` (e.g. LSUN keys). The set's ``id`` is a
 hash of its content (ids and pixels), so the same drawings always give the same id.
 
-Layout at URI S: ``S/sketches.parquet`` (``id``, ``sketch`` PNG mode L, ``size``) and ``S/manifest.json``
-(``name``, ``id``, ``count``, ``size``, where it came from), written last.
+Stored as `pipeline.layout` says: a table of (``id``, ``sketch`` PNG mode L, ``size``) and a manifest (``name``,
+``id``, ``count``, ``size``, where it came from), published whole, manifest last.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from PIL import Image
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.data.images import BadRecord, decode_png, encode_png, load_image
-from pipeline.data.publish import parquet_bytes, publish_set, read_parquet_table
+from pipeline.layout import SketchSetError
 from pipeline.names import validate_name
 
 DRAWING_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class SketchSetError(ValueError):
-    """A sketch set that cannot be created or read; the message names the culprit."""
 
 
 def content_id(ids: list[str], sketches: np.ndarray) -> str:
@@ -77,11 +73,13 @@ def _from_ids(ids_uri: str, dataset: str, size: int) -> tuple[list[str], np.ndar
     wanted = read_id_list(ids_uri)
     if not wanted:
         raise SketchSetError(f"the id list {ids_uri} is empty")
-    if not storage.exists(storage.join(dataset, "manifest.json")):
-        raise SketchSetError(f"dataset {dataset} is missing or incomplete (no manifest.json)")
+    try:
+        pairs = layout.open_dataset(dataset, need_pairs=False).pairs_uri
+    except layout.DatasetError as exc:
+        raise SketchSetError(str(exc)) from None
     values = pa.array(wanted, pa.string())
-    table = read_parquet_table(storage.join(dataset, "pairs"), ["id", "source_key", "sketch"],
-                               filter=pc.field("id").isin(values) | pc.field("source_key").isin(values))
+    table = storage.read_parquet(pairs, ["id", "source_key", "sketch"],
+                                 filter=pc.field("id").isin(values) | pc.field("source_key").isin(values))
     found: dict[str, bytes] = {}
     for rid, key, png in zip(table["id"].to_pylist(), table["source_key"].to_pylist(), table["sketch"].to_pylist()):
         found.setdefault(rid, png)
@@ -106,40 +104,26 @@ def create_sketch_set(cfg: Config, name: str, from_dir: str | None = None, from_
     else:
         dataset = dataset or layout.dataset_uri(cfg)
         ids, sketches = _from_ids(from_ids, dataset, size)
-        origin = {"from_ids": from_ids, "dataset": dataset,
-                  "dataset_id": storage.read_json(storage.join(dataset, "manifest.json")).get("id")}
+        origin = {"from_ids": from_ids, "dataset": dataset, "dataset_id": layout.open_dataset(dataset, False).id}
     out = out or layout.sketchset_uri(cfg, name)
     table = pa.table({"id": pa.array(ids, pa.string()), "sketch": pa.array([encode_png(s) for s in sketches],
                                                                              pa.binary()),
                       "size": pa.array([size] * len(ids), pa.int64())})
     manifest = {"name": name, "id": content_id(ids, sketches), "count": len(ids), "size": size, **origin,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    publish_set(out, {"sketches.parquet": parquet_bytes(table)}, manifest)
+    with storage.staged_publish(out, marker=layout.MANIFEST) as staging:
+        storage.write_parquet(layout.sketches_uri(staging), table)
+        storage.write_json(layout.manifest_uri(staging), manifest)
     return {**manifest, "uri": out}
 
 
 def load_sketch_set(uri: str) -> tuple[dict, np.ndarray]:
     """(manifest, uint8 N×H×W sketches, dark lines on white) of a stored sketch set."""
-    man_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(man_uri):
-        raise SketchSetError(f"sketch set {uri} is missing or incomplete (no manifest.json)")
-    manifest = storage.read_json(man_uri)
-    table = read_parquet_table(storage.join(uri, "sketches.parquet"), ["id", "sketch"])
+    stored = layout.read_sketch_set(uri)
     arrays = []
-    for rid, png in zip(table["id"].to_pylist(), table["sketch"].to_pylist()):
+    for rid, png in zip(stored.ids, stored.blobs):
         try:
-            arrays.append(load_image(png, int(manifest["size"]), "L"))
+            arrays.append(load_image(png, int(stored.manifest["size"]), "L"))
         except BadRecord as exc:
             raise SketchSetError(f"sketch set {uri}: sketch {rid!r} is unreadable ({exc.reason})") from None
-    if not arrays:
-        raise SketchSetError(f"sketch set {uri} is empty")
-    return manifest, np.stack(arrays)
-
-
-def cli_main(cfg: Config, args) -> int:
-    if args.from_ids and not args.dataset and not cfg.data.dataset:
-        raise SketchSetError("--from-ids needs --dataset (the preprocessed dataset the ids come from)")
-    man = create_sketch_set(cfg, args.name, from_dir=args.from_dir, from_ids=args.from_ids,
-                            dataset=args.dataset, out=args.out)
-    print(f"sketchset: {man['name']} ({man['count']} sketches, {man['size']} px, id {man['id']}) -> {man['uri']}")
-    return 0
+    return stored.manifest, np.stack(arrays)

@@ -3,14 +3,12 @@
 Each model generates ``n`` samples in a Ray actor (one GPU each when the cluster has GPUs), batched, and the
 actor turns them into features in memory (clean-fid's clean protocol, no PNG round trip). Reference
 statistics of each evaluation set come from the storage cache or are computed once and published. The
-results table (Parquet, CSV, Markdown) and a bar chart of FID per category go to
-``<root>/benchmarks/<eval.name>/``; the run is logged to MLflow and each registered version gets its FID.
+results table and a bar chart (`pipeline.eval.report`) are published to ``<root>/benchmarks/<eval.name>/``; the
+run is logged to MLflow and each registered version gets its FID.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -18,23 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout, storage
+from pipeline import layout
 from pipeline.config import Config
 from pipeline.eval.features import FeatureExtractor, build_extractor
 from pipeline.eval.fid import frechet_distance, kernel_distance
 from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_models
 from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
+from pipeline.eval.report import publish
 from pipeline.eval.resize import PROTOCOL
 from pipeline.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
-HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",
-           "n": "N", "fid": "FID", "kid": "KID", "seconds": "seconds", "evalset": "evaluation set"}
 
 
-# ---------------------------------------------------------------------------------------------- generation
 def load_source(source: dict[str, Any], device):
     """The generator (eval mode) for a resolved model source."""
     from pipeline.models import factory
@@ -44,25 +39,6 @@ def load_source(source: dict[str, Any], device):
     else:
         generator = factory.load_generator(source["uri"], source["arch"], device)
     return generator.eval()
-
-
-def generate_batches(generator, n: int, seed: int, truncation: float, batch_size: int, device,
-                     style_dim: int | None = None):
-    """Yield ``n`` samples as uint8 N x H x W x 3 batches (same seed, same latents on any device)."""
-    import torch
-
-    from pipeline.eval.fid import to_uint8
-
-    style_dim = style_dim or getattr(generator, "style_dim", None) or 512
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the generator's per-layer noise
-    with torch.no_grad():
-        mean = generator.mean_latent(4096) if truncation < 1 else None
-        for start in range(0, n, batch_size):
-            z = torch.randn(min(batch_size, n - start), style_dim, generator=gen).to(device)
-            out = generator([z], truncation=truncation, truncation_latent=mean)
-            images = out[0] if isinstance(out, tuple | list) else out
-            yield to_uint8(images)
 
 
 class SampleWorker:
@@ -88,6 +64,7 @@ class SampleWorker:
 
     def model_features(self, source: dict[str, Any], n: int) -> tuple[np.ndarray, float]:
         from pipeline.eval.fid import extract_features
+        from pipeline.models.sampling import generate_batches
 
         ev = self.cfg.eval
         start = time.perf_counter()
@@ -171,89 +148,6 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
     return rows
 
 
-# ------------------------------------------------------------------------------------------------- outputs
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if c != "evalset"]
-
-    def fmt(col, value):
-        if col == "fid":
-            return f"{value:.4f}"
-        if col == "kid":
-            return f"{value:.6f}"
-        if col == "seconds":
-            return f"{value:.1f}"
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
-             "|" + "|".join("---:" if c in ("n", "fid", "kid", "seconds") else "---" for c in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def to_parquet(rows: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("model", pa.string()), ("version", pa.string()), ("category", pa.string()),
-                        ("sketch_set", pa.string()), ("n", pa.int64()), ("fid", pa.float64()),
-                        ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string())])
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    return buf.getvalue()
-
-
-def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
-    """A PNG bar chart: one bar per model, grouped and coloured by category."""
-    import matplotlib
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    from matplotlib.patches import Patch
-
-    ordered = sorted(rows, key=lambda r: (r["category"], r["fid"]))
-    categories = list(dict.fromkeys(r["category"] or "-" for r in ordered))
-    palette = matplotlib.colormaps["tab10"]
-    colour = {c: palette(i % 10) for i, c in enumerate(categories)}
-    fig = Figure(figsize=(max(4.0, 0.9 * len(ordered) + 2), 4.0), dpi=100)
-    ax = fig.add_subplot()
-    xs = np.arange(len(ordered))
-    bars = ax.bar(xs, [r["fid"] for r in ordered], color=[colour[r["category"] or "-"] for r in ordered])
-    for bar, r in zip(bars, ordered):
-        ax.annotate(f"{r['fid']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(xs, [r["model"] + (f" v{r['version']}" if r["version"] else "") for r in ordered],
-                  rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title)
-    handles = [Patch(color=colour[c], label=c) for c in categories]
-    ax.legend(handles=handles, title="category", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def publish(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Write results.{parquet,csv,md} and fid.png under the benchmark's folder; returns the files."""
-    out = layout.benchmark_uri(cfg, cfg.eval.name)
-    files = {
-        "results.parquet": to_parquet(rows),
-        "results.csv": to_csv(rows).encode(),
-        "results.md": to_markdown(rows).encode(),
-        "fid.png": fid_chart(rows, f"FID per category: {cfg.eval.name}"),
-    }
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data)
-    log.info("benchmark: results published to %s", out)
-    return files
-
-
 # -------------------------------------------------------------------------------------------------- MLflow
 def _metric_name(row: dict[str, Any]) -> str:
     text = f"{row['model']}_v{row['version']}" if row["version"] else row["model"]
@@ -330,10 +224,3 @@ def benchmark(cfg: Config) -> list[dict[str, Any]]:
             raise BenchmarkError(f"results are in {out}, but logging to MLflow failed: {exc}") from exc
         log.info("benchmark: logged to MLflow run %s", run_id)
     return rows
-
-
-def cli_main(cfg: Config, args) -> int:
-    rows = benchmark(cfg)
-    print(to_markdown(rows), end="")
-    print(f"results: {layout.benchmark_uri(cfg, cfg.eval.name)}")
-    return 0

@@ -20,6 +20,7 @@ from scipy import linalg
 
 from pipeline.eval.features import FeatureExtractor
 from pipeline.eval.resize import default_threads, resize_batch
+from pipeline.models.sampling import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,6 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return frechet_distance(*feature_statistics(feats1), *feature_statistics(feats2))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Model output in [-1, 1] (N x 3 x H x W) -> uint8 N x H x W x 3, rounded as when saving a PNG."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected generated images N x 3 x H x W, got shape {tuple(images.shape)}")
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).add_(0.5).floor_().clamp_(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def _as_uint8_batch(batch) -> np.ndarray:

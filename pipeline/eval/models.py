@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import storage
+from pipeline import layout, storage
 from pipeline.config import Config
 
 ENTRY_KEYS = {"model", "evalset", "category", "sketch_set", "n"}
@@ -112,7 +112,7 @@ def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
     if uri.endswith(CHECKPOINT_SUFFIXES):
         if not storage.exists(uri):
             raise BenchmarkError(f"{entry['_where']}.model {uri}: no such checkpoint")
-        meta_uri = storage.join(uri.rsplit("/", 1)[0], "metadata.json") if "/" in uri else "metadata.json"
+        meta_uri = layout.checkpoint_metadata_uri(uri)
         meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
         arch = _arch_of(meta)
         if arch is None:
@@ -120,18 +120,15 @@ def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
 
             arch = generator_kwargs(cfg.model)
         source = {"kind": "checkpoint", "uri": uri, "arch": arch}
-        parts = uri.split("/")
-        label = str(meta.get("run") or meta.get("run_name") or
-                    (parts[-3] if len(parts) >= 3 and parts[-2] == "final" else parts[-1]))
+        label = str(meta.get("run") or meta.get("run_name") or layout.run_name_of_checkpoint(uri))
     else:
-        meta_uri = storage.join(uri, "final", "metadata.json")
-        if not storage.exists(meta_uri):
-            raise BenchmarkError(
-                f"{entry['_where']}.model {uri}: not a finished training run (no final/metadata.json)"
-            )
-        meta = storage.read_json(meta_uri)
-        if not isinstance(meta, dict):
-            raise BenchmarkError(f"{meta_uri}: expected a JSON object")
+        run = layout.finished_run(uri)
+        if run is None:
+            raise BenchmarkError(f"{entry['_where']}.model {uri}: not a finished training run (no "
+                                 f"{layout.final_metadata_uri('')})")
+        if not isinstance(run.metadata, dict):
+            raise BenchmarkError(f"{layout.final_metadata_uri(uri)}: expected a JSON object")
+        meta = run.metadata
         source = {"kind": "run", "uri": uri}
         label = str(meta.get("run") or meta.get("run_name") or uri.rsplit("/", 1)[-1])
     return _spec(entry, label, "", source, meta, cfg)

@@ -14,20 +14,15 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.eval.features import FeatureExtractor
 from pipeline.eval.fid import extract_features, feature_statistics
 from pipeline.eval.resize import PROTOCOL
+from pipeline.layout import EvalSetError
 
 log = logging.getLogger(__name__)
-
-
-class EvalSetError(ValueError):
-    """An evaluation set that is missing, incomplete or unreadable; the message names its URI."""
 
 
 @dataclass
@@ -41,21 +36,11 @@ class ReferenceStats:
 
 
 def evalset_id(evalset_uri: str) -> str:
-    """The evaluation set's content id: its manifest's ``id`` (a content hash), else a hash of the Parquet."""
-    manifest_uri = storage.join(evalset_uri, "manifest.json")
-    images_uri = storage.join(evalset_uri, "images.parquet")
-    if not storage.exists(manifest_uri):
-        if storage.exists(images_uri):
-            raise EvalSetError(f"evaluation set {evalset_uri}: incomplete (no manifest.json)")
-        raise EvalSetError(f"evaluation set {evalset_uri}: not found (no manifest.json or images.parquet)")
-    try:
-        manifest = storage.read_json(manifest_uri)
-    except (ValueError, OSError) as exc:
-        raise EvalSetError(f"evaluation set {evalset_uri}: unreadable manifest.json ({exc})") from None
-    content = manifest.get("id") if isinstance(manifest, dict) else None
-    if isinstance(content, str) and content:
-        return content
-    return "sha256:" + hashlib.sha256(storage.read_bytes(images_uri)).hexdigest()
+    """The evaluation set's content id: its manifest's ``id`` (a content hash), else a hash of its images."""
+    stored = layout.open_evalset(evalset_uri)
+    if isinstance(stored.id, str) and stored.id:
+        return stored.id
+    return "sha256:" + hashlib.sha256(storage.read_bytes(stored.images_uri)).hexdigest()
 
 
 def stats_key(set_id: str, extractor: FeatureExtractor, protocol: str = PROTOCOL) -> str:
@@ -65,28 +50,13 @@ def stats_key(set_id: str, extractor: FeatureExtractor, protocol: str = PROTOCOL
 
 
 def load_evalset_images(evalset_uri: str) -> np.ndarray:
-    """The evaluation set's images as uint8 N x H x W x 3 (all must share a size)."""
-    images_uri = storage.join(evalset_uri, "images.parquet")
-    fs, path = storage.filesystem(images_uri)
-    try:
-        table = pq.read_table(path, filesystem=fs, columns=["id", "image"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise EvalSetError(f"evaluation set {evalset_uri}: cannot read images.parquet ({exc})") from None
-    images = []
-    for row_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(np.asarray(img.convert("RGB")))
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad record
-            raise EvalSetError(
-                f"evaluation set {evalset_uri}: image {row_id!r} is not a readable image ({exc})"
-            ) from None
+    """The evaluation set's images as uint8 N x H x W x 3 (at least two)."""
+    from pipeline.data.evalsets import load_evalset
+
+    images = load_evalset(evalset_uri)[1]
     if len(images) < 2:
         raise EvalSetError(f"evaluation set {evalset_uri}: needs at least 2 images, has {len(images)}")
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise EvalSetError(f"evaluation set {evalset_uri}: images of different sizes {sorted(shapes)}")
-    return np.stack(images)
+    return images
 
 
 def _read_cached(uri: str, key: str) -> ReferenceStats | None:

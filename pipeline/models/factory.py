@@ -45,14 +45,11 @@ def load_generator(g_uri: str, arch: dict[str, Any], device: torch.device | str 
 
 
 def load_run_generator(run_uri: str, device: torch.device | str | None = None) -> tuple[Generator, dict]:
-    """The final generator of a finished training run and its metadata (``final/metadata.json``)."""
-    from pipeline import storage
+    """The final generator of a finished training run and the run's final metadata."""
+    from pipeline import layout
 
-    meta_uri = storage.join(run_uri, "final", "metadata.json")
-    if not storage.exists(meta_uri):
-        raise FileNotFoundError(f"run {run_uri} has not finished: {meta_uri} does not exist")
-    meta = storage.read_json(meta_uri)
-    arch = meta.get("arch") or meta.get("model")
+    run = layout.open_finished_run(run_uri)
+    arch = run.metadata.get("arch") or run.metadata.get("model")
     if not isinstance(arch, dict):
-        raise ValueError(f"{meta_uri}: no generator architecture ('arch') recorded")
-    return load_generator(storage.join(run_uri, "final", "G.pth"), arch, device), meta
+        raise ValueError(f"{layout.final_metadata_uri(run_uri)}: no generator architecture ('arch') recorded")
+    return load_generator(run.g_uri, arch, device), run.metadata

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.names import validate_name
+from pipeline.redact import scrub, scrub_text
 from pipeline.registry import tracking
 
 log = logging.getLogger("sketchgan.registry")
@@ -111,9 +112,9 @@ def _pip_requirements() -> list[str]:
 def _lineage_tags(meta: dict, run_uri: str, g_uri: str) -> dict[str, str]:
     run = {"metadata": meta, "info": {}, "metrics": []}
     tags = tracking.run_tags(run, run_uri)
-    tags[TAG_G_URI] = tracking.scrub_text(g_uri)
+    tags[TAG_G_URI] = scrub_text(g_uri)
     tags[TAG_ARCH] = json.dumps(meta.get("arch"), sort_keys=True)
-    config = json.dumps(tracking.scrub(meta.get("config") or {}), sort_keys=True, separators=(",", ":"))
+    config = json.dumps(scrub(meta.get("config") or {}), sort_keys=True, separators=(",", ":"))
     if len(config) <= tracking.TAG_MAX:
         tags[TAG_CONFIG] = config
     fid = meta.get("fid")
@@ -138,9 +139,9 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
 
     with tempfile.TemporaryDirectory(prefix="sketchgan-model-") as tmp:
         d = Path(tmp)
-        g_path = storage.download_file(storage.join(run_uri, "final", "G.pth"), d / "G.pth")
-        meta_path = d / "metadata.json"
-        meta_path.write_text(json.dumps(tracking.scrub(meta), indent=2, sort_keys=True, default=str))
+        g_path = storage.download_file(layout.final_uri(run_uri, layout.G_FILE), d / layout.G_FILE)
+        meta_path = d / layout.FINAL_METADATA
+        meta_path.write_text(json.dumps(scrub(meta), indent=2, sort_keys=True, default=str))
         with tracking.activated(cfg), mlflow.start_run(run_id=mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=SketchGANModel(),
@@ -151,12 +152,9 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
 
 
 def _finished_metadata(run_uri: str) -> dict:
-    meta_uri = storage.join(run_uri, "final", "metadata.json")
-    if not storage.exists(meta_uri):
-        raise FileNotFoundError(f"run {run_uri} has not finished ({meta_uri} does not exist): nothing to register")
-    meta = storage.read_json(meta_uri)
+    meta = layout.open_finished_run(run_uri, "nothing to register").metadata
     if not isinstance(meta.get("arch"), dict):
-        raise ValueError(f"{meta_uri}: no generator architecture ('arch') recorded")
+        raise ValueError(f"{layout.final_metadata_uri(run_uri)}: no generator architecture ('arch') recorded")
     return meta
 
 
@@ -184,7 +182,7 @@ def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
     if not model_uri:
         model_uri = _log_pyfunc(cfg, mlflow_run_id, run_uri, meta)
         mlf.set_tag(mlflow_run_id, "sketchgan.model_uri", model_uri)
-    g_uri = storage.join(run_uri, "final", "G.pth")
+    g_uri = layout.final_uri(run_uri, layout.G_FILE)
     # The registry resolves the logged model's URI through the global tracking URI: point it at ours.
     with tracking.activated(cfg):
         version = mlf.create_model_version(name, source=model_uri, run_id=mlflow_run_id,
@@ -226,8 +224,9 @@ def _from_version(mlf, v) -> ResolvedModel:
     tags = v.tags or {}
     run_uri = tags.get(tracking.TAG_RUN_URI)
     meta: dict[str, Any] = {}
-    if run_uri and storage.exists(storage.join(run_uri, "final", "metadata.json")):
-        meta = storage.read_json(storage.join(run_uri, "final", "metadata.json"))
+    finished = layout.finished_run(run_uri) if run_uri else None
+    if finished is not None:
+        meta = finished.metadata
     arch = meta.get("arch") or (json.loads(tags[TAG_ARCH]) if tags.get(TAG_ARCH) else None)
     fid = _fid_of(v)
     if fid is not None:
@@ -260,23 +259,23 @@ def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
             else:
                 raise ValueError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         except MlflowException as exc:
-            raise LookupError(tracking.scrub_text(f"{ref}: not found in the registry at {mlf.tracking_uri} "
+            raise LookupError(scrub_text(f"{ref}: not found in the registry at {mlf.tracking_uri} "
                                                   f"({exc.message.splitlines()[0]})")) from None
         return _from_version(mlf, v)
     if ref.endswith(".pth"):
-        meta_uri = storage.join(ref.rsplit("/", 1)[0], "metadata.json") if "/" in ref else "metadata.json"
+        meta_uri = layout.checkpoint_metadata_uri(ref)
         meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
         if not storage.exists(ref):
             raise FileNotFoundError(f"checkpoint {ref} does not exist")
         return ResolvedModel(name=Path(ref).stem, version="", run_uri=None, g_uri=ref, arch=meta.get("arch"),
                              metadata=meta, fid=meta.get("fid"))
-    meta_uri = storage.join(ref, "final", "metadata.json")
-    if not storage.exists(meta_uri):
+    run = layout.finished_run(ref)
+    if run is None:
         raise FileNotFoundError(f"{ref}: not a registered model (models:/...), a finished run (no "
-                                "final/metadata.json) or a .pth checkpoint")
-    meta = storage.read_json(meta_uri)
+                                f"{layout.final_metadata_uri('')}) or a .pth checkpoint")
+    meta = run.metadata
     return ResolvedModel(name=meta.get("run_name") or ref.rstrip("/").rsplit("/", 1)[-1], version="", run_uri=ref,
-                         g_uri=storage.join(ref, "final", "G.pth"), arch=meta.get("arch"), metadata=meta,
+                         g_uri=run.g_uri, arch=meta.get("arch"), metadata=meta,
                          fid=meta.get("fid"))
 
 
@@ -311,17 +310,6 @@ def model_lines(cfg: Config) -> list[str]:
     return lines
 
 
-def cli_list(cfg: Config, args) -> int:
-    """`sketchgan models list`."""
-    lines = model_lines(cfg)
-    if not lines:
-        print(f"no registered models named {cfg.registry.model_prefix}-* in "
-              f"{tracking.scrub_text(tracking.tracking_uri(cfg))}")
-    for line in lines:
-        print(line)
-    return 0
-
-
 def track_runs(cfg: Config, run_uris: list[str], register: bool | None = None) -> list[str]:
     """For `sketchgan pretrain` / `train` after their runs finish: log each run to MLflow and (for
     customisations, when ``registry.auto_register``) register it. MLflow being unreachable never fails
@@ -338,7 +326,7 @@ def track_runs(cfg: Config, run_uris: list[str], register: bool | None = None) -
                 lines.append(f"{uri}: logged to MLflow run {tracking.log_run(cfg, uri)}")
         except Exception as exc:  # noqa: BLE001 - the run is safe in storage; say so and how to retry
             # MLflow's errors quote the tracking URI, credentials included: mask them
-            reason = tracking.scrub_text(str(exc))
+            reason = scrub_text(str(exc))
             log.warning("MLflow: could not log %s (%s); the run is complete in storage: run the same command "
                         "again once MLflow is reachable (finished runs are reused, then logged and registered "
                         "once)", uri, reason)

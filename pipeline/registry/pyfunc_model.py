@@ -1,4 +1,4 @@
-"""A customised generator as an MLflow pyfunc, and the seeded sampling it shares with `sketchgan generate`.
+"""A customised generator as an MLflow pyfunc (images by `pipeline.models.sampling.render`, as `sketchgan generate`).
 
 Model contract (the logged signature):
 
@@ -17,65 +17,10 @@ import json
 import math
 
 import numpy as np
-import torch
 
-MEAN_LATENT_SEED = 0x5EED
-MEAN_LATENT_SAMPLES = 4096
+from pipeline.models.sampling import check_truncation, mean_w, render
+
 MAX_ROWS = 4096  # per predict() call: keeps one request from exhausting memory
-BATCH = 16
-
-
-# -- sampling (shared with generate.py) ---------------------------------------------------------------------
-def latents_for_seeds(seeds: list[int], style_dim: int) -> torch.Tensor:
-    """One z per seed, each from its own RNG (so a seed's latent does not depend on its batch)."""
-    return torch.stack([torch.randn(style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-@torch.no_grad()
-def mean_w(G: torch.nn.Module, device) -> torch.Tensor:
-    """The truncation centre: mean of W over a fixed set of latents (1 x style_dim)."""
-    z = torch.randn(MEAN_LATENT_SAMPLES, G.style_dim, generator=torch.Generator().manual_seed(MEAN_LATENT_SEED))
-    return G.get_latent(z.to(device)).mean(0, keepdim=True)
-
-
-@torch.no_grad()
-def synthesize(G: torch.nn.Module, w: torch.Tensor) -> np.ndarray:
-    """W latents (N x style_dim) -> uint8 N x H x W x 3 with the generator's fixed noise."""
-    out = []
-    for i in range(0, w.shape[0], BATCH):
-        img = G([w[i:i + BATCH]], input_is_latent=True, randomize_noise=False)[0]
-        img = ((img.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-        out.append(img.permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, G.size, G.size, 3), np.uint8)
-
-
-@torch.no_grad()
-def truncated_w(G: torch.nn.Module, seeds: list[int], psi: list[float], device, centre=None) -> torch.Tensor:
-    w = G.get_latent(latents_for_seeds(seeds, G.style_dim).to(device))
-    if any(p < 1 for p in psi):
-        centre = mean_w(G, device) if centre is None else centre
-        p = torch.tensor(psi, dtype=w.dtype, device=device)[:, None]
-        w = centre + p * (w - centre)
-    return w
-
-
-def render(G: torch.nn.Module, seeds: list[int], psi: list[float], device, centre=None) -> np.ndarray:
-    """Images for seeds (uint8 N x H x W x 3), each with its own truncation ψ."""
-    return synthesize(G, truncated_w(G, seeds, psi, device, centre))
-
-
-def interpolate(G: torch.nn.Module, seed_a: int, seed_b: int, steps: int, psi: float, device) -> np.ndarray:
-    """``steps`` images along the straight line in W between two seeds' (truncated) latents."""
-    w = truncated_w(G, [seed_a, seed_b], [psi, psi], device)
-    t = torch.linspace(0, 1, steps, device=device, dtype=w.dtype)[:, None]
-    return synthesize(G, w[0:1] * (1 - t) + w[1:2] * t)
-
-
-def check_truncation(psi: float, where: str = "truncation") -> float:
-    psi = float(psi)
-    if not (math.isfinite(psi) and 0 < psi <= 1):
-        raise ValueError(f"{where}: truncation ψ must be in (0, 1], got {psi}")
-    return psi
 
 
 # -- the pyfunc -------------------------------------------------------------------------------------------

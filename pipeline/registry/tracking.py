@@ -1,7 +1,7 @@
 """MLflow tracking of finished (or stopped) training runs, read back from storage.
 
-Training never talks to MLflow: it writes the run contract (``R/metrics.jsonl``, ``R/samples/*.png``,
-``R/final/G.pth``, ``R/final/metadata.json`` last). `log_run` turns those outputs into one MLflow run, so it can
+Training never talks to MLflow: it writes the run contract (metrics, sample grids, the final G and its metadata,
+see `pipeline.layout`). `log_run` turns those outputs into one MLflow run, so it can
 run (or re-run) any time later, against whichever tracking server is configured. Logging is idempotent: the
 MLflow run is tagged with the storage run URI and a fingerprint of what was logged, and reused when present.
 
@@ -9,8 +9,7 @@ Where MLflow lives: ``registry.tracking_uri``, else ``MLFLOW_TRACKING_URI``, els
 local storage root (``sqlite:///<root>/mlflow/mlflow.db``, artifacts in ``<root>/mlflow/artifacts``; MLflow 3
 uses SQLite as its default backend, and the model registry needs a database store).
 
-Nothing secret is logged: config keys that name credentials are dropped, userinfo in URIs is masked, and the
-values of credential environment variables are masked wherever they appear.
+Nothing secret is logged: everything logged passes through `pipeline.redact`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,8 +27,9 @@ from typing import Any
 
 import yaml
 
-from pipeline import storage
+from pipeline import layout, storage
 from pipeline.config import Config
+from pipeline.redact import scrub, scrub_text
 
 log = logging.getLogger("sketchgan.registry")
 
@@ -39,14 +38,7 @@ TAG_FINGERPRINT = "sketchgan.fingerprint"
 TAG_LOGGED = "sketchgan.logged"
 TAG_KIND = "sketchgan.kind"
 PARENT_TAG = "mlflow.parentRunId"
-REDACTED = "***"
 
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|"
-                         r"auth", re.IGNORECASE)
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "DATABRICKS_TOKEN", "RAY_AUTH_TOKEN",
-               "HF_TOKEN", "GITHUB_TOKEN")
 PARAM_MAX = 6000  # MLflow's limit on a param value
 TAG_MAX = 5000
 
@@ -57,7 +49,7 @@ class TrackingError(ValueError):
 
 # -- where MLflow lives -------------------------------------------------------------------------------------
 def _local_store_dir(cfg: Config) -> Path:
-    return Path(storage.join(cfg.storage.root, "mlflow")).expanduser().absolute()
+    return Path(layout.mlflow_uri(cfg)).expanduser().absolute()
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -137,31 +129,6 @@ def ensure_experiment(mlf, cfg: Config, name: str | None = None) -> str:
         return exp.experiment_id
 
 
-# -- secrets ------------------------------------------------------------------------------------------------
-def _secret_values() -> list[str]:
-    return [v for v in (os.environ.get(k) for k in _SECRET_ENV) if v and len(v) >= 4]
-
-
-def scrub_text(text: str) -> str:
-    """Mask URI userinfo and the values of credential environment variables in a string."""
-    out = _URI_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
-    for value in _secret_values():
-        out = out.replace(value, REDACTED)
-    return out
-
-
-def scrub(obj: Any) -> Any:
-    """A copy of ``obj`` with credential-named keys masked and secrets masked in every string."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else scrub(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [scrub(v) for v in obj]
-    if isinstance(obj, str):
-        return scrub_text(obj)
-    return obj
-
-
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> ``{"train.lr": "0.002", ...}`` (lists of mappings as JSON)."""
     out: dict[str, str] = {}
@@ -178,23 +145,16 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 # -- reading a run from storage ----------------------------------------------------------------------------
 def read_run(run_uri: str) -> dict[str, Any]:
     """What storage holds for a run: metadata (None until finished), run info, metrics rows, sample URIs."""
-    meta_uri = storage.join(run_uri, "final", "metadata.json")
-    info_uri = storage.join(run_uri, "run.json")
-    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else None
-    info = storage.read_json(info_uri) if storage.exists(info_uri) else None
-    if meta is None and info is None:
-        raise FileNotFoundError(f"{run_uri} is not a training run (neither final/metadata.json nor run.json exists)")
-    metrics_uri = storage.join(run_uri, "metrics.jsonl")
-    rows = []
-    if storage.exists(metrics_uri):
-        for n, line in enumerate(storage.read_text(metrics_uri).splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{metrics_uri} line {n}: not valid JSON ({exc})") from None
-    samples = storage.list_files(storage.join(run_uri, "samples"), suffix=".png")
-    return {"metadata": meta, "info": info or {}, "metrics": rows, "samples": samples}
+    from pipeline.train.run_store import read_metrics
+
+    finished = layout.finished_run(run_uri)
+    info = layout.read_run_info(run_uri)
+    if finished is None and info is None:
+        raise FileNotFoundError(f"{run_uri} is not a training run (neither {layout.final_metadata_uri('')} nor "
+                                f"{layout.RUN_INFO} exists)")
+    samples = storage.list_files(layout.samples_uri(run_uri), suffix=".png")
+    return {"metadata": finished.metadata if finished else None, "info": info or {},
+            "metrics": read_metrics(run_uri), "samples": samples}
 
 
 def fingerprint(run: dict[str, Any]) -> str:
@@ -277,8 +237,8 @@ def _log_batches(mlf, run_id: str, params: dict[str, str], metrics: list, tags: 
 def log_run(cfg: Config, run_uri: str, parent_run_id: str | None = None) -> str:
     """Log a training run's storage outputs as one MLflow run (idempotent); returns the MLflow run id.
 
-    Params are the run's flattened config; metrics come from ``metrics.jsonl`` with the iteration as step;
-    artifacts are the config YAML, the metadata, the sample grids and (for a finished run) ``final/G.pth``.
+    Params are the run's flattened config; metrics are the run's logged rows with the iteration as step;
+    artifacts are the config YAML, the metadata, the sample grids and (for a finished run) the final G.
     A finished run ends FINISHED; one stopped early (e.g. by ASHA) ends KILLED with what it reached.
     """
     run = read_run(run_uri)
@@ -313,20 +273,21 @@ def log_run(cfg: Config, run_uri: str, parent_run_id: str | None = None) -> str:
             (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             mlf.log_artifact(run_id, str(d / "config.yaml"))
             if meta is not None:
-                (d / "metadata.json").write_text(json.dumps(scrub(meta), indent=2, sort_keys=True, default=str))
-                mlf.log_artifact(run_id, str(d / "metadata.json"))
+                (d / layout.FINAL_METADATA).write_text(json.dumps(scrub(meta), indent=2, sort_keys=True,
+                                                                    default=str))
+                mlf.log_artifact(run_id, str(d / layout.FINAL_METADATA))
             if run["metrics"]:
-                (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in run["metrics"]))
-                mlf.log_artifact(run_id, str(d / "metrics.jsonl"))
-            samples = d / "samples"
+                (d / layout.METRICS).write_text("".join(json.dumps(m) + "\n" for m in run["metrics"]))
+                mlf.log_artifact(run_id, str(d / layout.METRICS))
+            samples = d / layout.SAMPLES
             samples.mkdir()
             for uri in run["samples"]:
                 storage.download_file(uri, samples / uri.rsplit("/", 1)[-1])
             if run["samples"]:
-                mlf.log_artifacts(run_id, str(samples), artifact_path="samples")
+                mlf.log_artifacts(run_id, str(samples), artifact_path=layout.SAMPLES)
             if meta is not None:
-                g = storage.download_file(storage.join(run_uri, "final", "G.pth"), d / "final" / "G.pth")
-                mlf.log_artifact(run_id, str(g), artifact_path="final")
+                g = storage.download_file(layout.final_uri(run_uri, layout.G_FILE), d / layout.FINAL / layout.G_FILE)
+                mlf.log_artifact(run_id, str(g), artifact_path=layout.FINAL)
         mlf.set_tag(run_id, TAG_LOGGED, "true")
     except Exception:
         mlf.set_terminated(run_id, status="FAILED")

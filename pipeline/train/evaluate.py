@@ -24,8 +24,8 @@ class FidEvaluator:
         self.ref = reference_stats(cfg, evalset_uri, self.extractor)
 
     def __call__(self, G: torch.nn.Module) -> float:
-        from pipeline.eval.benchmark import generate_batches
         from pipeline.eval.fid import extract_features, feature_statistics, frechet_distance
+        from pipeline.models.sampling import generate_batches
 
         e = self.cfg.eval
         was_training = G.training

@@ -1,6 +1,6 @@
 """`sketchgan tune`: a Ray Tune sweep of GANSketching training settings for one sketch set.
 
-Each trial is one ordinary training run, `pipeline.train.trainer.run_training` (the code `sketchgan train` runs):
+Each trial is one ordinary training run, `pipeline.train.raytrain.run_training` (the code `sketchgan train` runs):
 a Tune function trainable that launches the run's `TorchTrainer` (Ray Train v2) and forwards its reports to
 Tune with a `TuneReportCallback`. Trials write the run contract to ``<root>/runs/<sweep>-<trial id>``; Tune's
 own state lives in ``<root>/tune/<sweep>``, from which an interrupted sweep is restored (``--resume``): trial
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import layout, storage
-from pipeline.config import Config, ConfigError, SketchSetSpec, with_overrides
+from pipeline.config import Config, ConfigError, SketchSetSpec, updated
 from pipeline.raysession import ensure_ray
 
 log = logging.getLogger("sketchgan.tune")
@@ -72,12 +72,12 @@ def _metric(cfg: Config, sketch: SketchSetSpec) -> str:
     return metric
 
 
-def trial_overrides(params: dict[str, Any]) -> list[str]:
-    """``--set`` overrides for one trial's parameters (training ``w_shift`` needs a generator with one)."""
-    out = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+def trial_changes(params: dict[str, Any]) -> dict[str, Any]:
+    """One trial's config changes (training ``w_shift`` needs a generator with one)."""
+    changes = dict(sorted(params.items()))
     if params.get("train.trained") == "w_shift":
-        out.append("model.w_shift=true")
-    return out
+        changes["model.w_shift"] = True
+    return changes
 
 
 def _check_space(cfg: Config) -> dict[str, list[Any]]:
@@ -91,45 +91,39 @@ def _check_space(cfg: Config) -> dict[str, list[Any]]:
                              "the tune section)")
         for value in values:
             try:
-                with_overrides(cfg, trial_overrides({key: value}))
+                updated(cfg, trial_changes({key: value}))
             except ConfigError as exc:
                 raise SweepError(f"tune.param_space.{key}: value {value!r} is not valid: {exc}") from None
     return space
 
 
-def tune_uri(cfg: Config) -> str:
-    return storage.join(cfg.storage.root, "tune", cfg.tune.name)
-
-
 def plan_sweep(cfg: Config) -> SweepPlan:
     """Check the sweep's settings and inputs once, before Tune starts any trial."""
-    from pipeline.train import trainer
+    from pipeline.train import plan as planning
 
     t = cfg.tune
     sketch = _sketch_set(cfg)
     metric = _metric(cfg, sketch)
     workers = cfg.train.num_workers
-    base = with_overrides(cfg, [
-        f"train.sketch_sets={json.dumps([sketch.model_dump(mode='json')])}",
-        f"train.cpus_per_worker={t.cpus_per_trial / workers}",
-        f"train.gpus_per_worker={t.gpus_per_trial / workers}",
-        f"train.use_gpu={json.dumps(t.gpus_per_trial > 0 or cfg.train.use_gpu)}",
-        "train.resume=null"])
+    base = updated(cfg, {"train.sketch_sets": [sketch.model_dump()], "train.resume": None,
+                         "train.cpus_per_worker": t.cpus_per_trial / workers,
+                         "train.gpus_per_worker": t.gpus_per_trial / workers,
+                         "train.use_gpu": t.gpus_per_trial > 0 or cfg.train.use_gpu})
     space = _check_space(base)
     storage.ensure_writable(cfg.storage.root)
-    trainer.sketch_set_manifest(base, sketch)
+    planning.read_sketches(base, sketch)
     lambdas = space.get("train.lambda_image", [base.train.lambda_image])
     if any(float(v) > 0 for v in lambdas):
-        trainer.dataset_manifest(layout.dataset_uri(base))
-    trainer.check_base_checkpoints(base)
+        planning.open_dataset(base)
+    planning.check_base_checkpoints(base)
     if "w_shift" in space.get("train.trained", []) and not base.model.w_shift:
         try:
-            trainer.check_base_checkpoints(with_overrides(base, ["model.w_shift=true"]))
-        except trainer.TrainingInputError as exc:
+            planning.check_base_checkpoints(updated(base, {"model.w_shift": True}))
+        except planning.TrainingInputError as exc:
             raise SweepError(f"tune.param_space.train.trained lists w_shift, which trains a generator with a "
                              f"w_shift layer, but the base checkpoints do not fit one:\n{exc}") from None
-    trainer.evalset_for(base, sketch)
-    return SweepPlan(base, sketch, metric, space, tune_uri(cfg))
+    planning.evalset_for(base, sketch)
+    return SweepPlan(base, sketch, metric, space, layout.tune_uri(cfg))
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -151,17 +145,16 @@ def _report_callback(metric: str, run_uri: str):
     return MetricReportCallback()
 
 
-def run_trial(config: dict, base: dict, sketch: dict, metric: str) -> None:
+def run_trial(config: dict, base: Config, sketch: SketchSetSpec, metric: str) -> None:
     """One trial: the ordinary training run with this trial's settings, reporting to Tune."""
     from ray import tune
 
-    from pipeline.train import trainer
+    from pipeline.train.raytrain import run_training
 
-    cfg = with_overrides(Config.model_validate(base), trial_overrides(config.get("params") or {}))
+    cfg = updated(base, trial_changes(config.get("params") or {}))
     run_name = trial_run_name(cfg.tune.name, tune.get_context().get_trial_id())
     run_uri = layout.run_uri(cfg, run_name)
-    summary = trainer.run_training(cfg, SketchSetSpec(**sketch), run_name,
-                                   callbacks=[_report_callback(metric, run_uri)])
+    summary = run_training(cfg, sketch, run_name, callbacks=[_report_callback(metric, run_uri)])
     if summary.get("reused"):  # finished before an interruption: report its final metrics once more
         final = dict((summary.get("metadata") or {}).get("final_metrics") or {})
         tune.report({**final, "run_uri": run_uri})
@@ -170,6 +163,7 @@ def run_trial(config: dict, base: dict, sketch: dict, metric: str) -> None:
 # -- MLflow (driver) ------------------------------------------------------------------------------------------
 def _parent_run(cfg: Config, plan: SweepPlan) -> str | None:
     """The sweep's MLflow parent run (reused when the sweep is resumed); None when MLflow is unreachable."""
+    from pipeline.redact import scrub, scrub_text
     from pipeline.registry import tracking
 
     try:
@@ -185,9 +179,9 @@ def _parent_run(cfg: Config, plan: SweepPlan) -> str | None:
                   "mode": cfg.tune.mode, "sketch_set": plan.sketch.name,
                   "max_concurrent_trials": cfg.tune.max_concurrent_trials, "grace_period": cfg.tune.grace_period,
                   "reduction_factor": cfg.tune.reduction_factor,
-                  "param_space": json.dumps(tracking.scrub(plan.space), sort_keys=True)}
+                  "param_space": json.dumps(scrub(plan.space), sort_keys=True)}
         for key, value in params.items():
-            mlf.log_param(run.info.run_id, key, tracking.scrub_text(str(value))[:tracking.PARAM_MAX])
+            mlf.log_param(run.info.run_id, key, scrub_text(str(value))[:tracking.PARAM_MAX])
         return run.info.run_id
     except Exception as exc:  # noqa: BLE001 - training must not depend on MLflow being up
         log.warning("MLflow is unavailable (%s): the sweep runs without tracking; log it later", exc)
@@ -204,7 +198,7 @@ def _trial_logger(cfg: Config, parent_id: str | None):
 
         def _log(self, trial) -> None:
             run_uri = layout.run_uri(cfg, trial_run_name(cfg.tune.name, trial.trial_id))
-            if parent_id is None or not storage.exists(storage.join(run_uri, "run.json")):
+            if parent_id is None or layout.read_run_info(run_uri) is None:
                 return
             try:
                 tracking.log_run(cfg, run_uri, parent_run_id=parent_id)
@@ -243,8 +237,7 @@ def _tuner(plan: SweepPlan, callbacks: list):
     from ray.tune.schedulers import ASHAScheduler
 
     cfg, t = plan.cfg, plan.cfg.tune
-    trainable = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"),
-                                     sketch=plan.sketch.model_dump(mode="json"), metric=plan.metric)
+    trainable = tune.with_parameters(run_trial, base=cfg, sketch=plan.sketch, metric=plan.metric)
     trainable = tune.with_resources(trainable, {"CPU": t.driver_cpus})
     storage_path, extra = _storage_args(plan.tune_uri)
     fs = extra.get("storage_filesystem")
@@ -286,7 +279,7 @@ def collect_trials(plan: SweepPlan, results) -> list[dict[str, Any]]:
         rows.append({
             "trial_id": trial_id, "run_uri": run_uri, "params": (r.config or {}).get("params", {}),
             "metric": _value(metrics.get(plan.metric)), "iteration": metrics.get("iteration"),
-            "finished": bool(run_uri) and storage.exists(storage.join(run_uri, "final", "metadata.json")),
+            "finished": bool(run_uri) and layout.finished_run(run_uri) is not None,
             "error": str(r.error).splitlines()[0] if r.error else None,
         })
     return rows
@@ -314,7 +307,7 @@ def _finish_mlflow(cfg: Config, plan: SweepPlan, parent_id: str | None, rows: li
         return
     mlf = tracking.client(cfg)
     for row in rows:
-        if row["run_uri"] and storage.exists(storage.join(row["run_uri"], "run.json")):
+        if row["run_uri"] and layout.read_run_info(row["run_uri"]) is not None:
             row["mlflow_run_id"] = tracking.log_run(cfg, row["run_uri"], parent_run_id=parent_id)
     mlf.log_metric(parent_id, "trials", len(rows))
     mlf.log_metric(parent_id, "trials_finished", sum(1 for r in rows if r["finished"]))
@@ -353,21 +346,3 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         log.warning("could not finish the sweep's MLflow run: %s", exc)
     return summary
-
-
-def cli_main(cfg: Config, args) -> int:
-    summary = run_sweep(cfg)
-    for row in summary["trials"]:
-        state = "finished" if row["finished"] else ("error: " + row["error"] if row["error"] else "stopped early")
-        value = "-" if row["metric"] is None else f"{row['metric']:.4f}"
-        print(f"{row['trial_id']}  {summary['metric']}={value}  {json.dumps(row['params'], sort_keys=True)}  "
-              f"{state}  {row['run_uri'] or ''}".rstrip())
-    best = summary["best"]
-    if best is None:
-        print(f"sweep {summary['sweep']}: no trial finished", flush=True)
-        return 1
-    print(f"best: {best['run_uri']} {summary['metric']}={best['metric']:.4f}")
-    if summary["registered"]:
-        print("registered: models:/{}/{}".format(*summary["registered"]))
-    return 0
-

@@ -1,0 +1,256 @@
+"""The Ray Train edge of training: one `TorchTrainer` per planned run, several runs (one per sketch set) at once.
+
+Real images stream to the workers as Ray Data (a small dataset materialised once and split one part per rank;
+a large one as a streaming split); the small sketch set goes whole to every worker through the object store.
+The per-worker function runs `pipeline.train.loop.run_worker`, shared with Tune trials and the benchmarks.
+
+Storage is the source of truth: checkpoints live in the run's folder; Ray Train only tracks a pointer to the
+latest one, which ``ray.train.get_checkpoint()`` hands back to a restarted worker group after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipeline import layout, storage
+from pipeline.config import Config, SketchSetSpec
+from pipeline.raysession import ensure_ray
+from pipeline.train import plan as planning
+from pipeline.train import run_store
+from pipeline.train.plan import RunPlan
+from pipeline.train.spec import RunSpec, TestHooks
+
+log = logging.getLogger("sketchgan.train")
+
+CRASH_ENV = "SKETCHGAN_TEST_CRASH_AT"  # tests only: "ITER:MARKER_FILE" -> one worker dies once at ITER
+POINTER_FILE = "sketchgan_checkpoint.json"  # inside Ray Train's checkpoint: which of our checkpoints it means
+MATERIALIZE_MAX_BYTES = 512 * 2**20
+
+
+class TrainingRunError(RuntimeError):
+    """One or more training runs failed while running (after validation)."""
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function: ``config`` is `train_loop_config` (see `trainer_for`)."""
+    import ray
+    import ray.train
+
+    from pipeline.train.loop import run_worker
+    from pipeline.train.streams import decode_png_batch
+
+    spec: RunSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_worker = spec.section.batch_size // world
+    seed = spec.section.seed
+
+    make_epoch = None
+    if config.get("has_images"):
+        # a small (materialised) dataset comes as one ready part per rank, else as a streaming split shard
+        shard = ray.train.get_dataset_shard(f"images_{rank}" if config.get("images_per_rank") else "images")
+
+        def make_epoch(epoch: int):
+            return shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                      local_shuffle_buffer_size=config.get("shuffle_buffer") or None,
+                                      local_shuffle_seed=(seed * 100_003 + epoch * 101 + rank) % 2**31)
+
+    sketches = None
+    if spec.kind == "train":
+        blobs = config["sketches"]
+        if isinstance(blobs, ray.ObjectRef):
+            blobs = ray.get(blobs)
+        sketches = decode_png_batch(blobs, 1, spec.cfg.model.size)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group: continue from what the failed attempt saved
+        with checkpoint.as_directory() as d:
+            resume = json.loads((Path(d) / POINTER_FILE).read_text())["uri"]
+        if not storage.exists(resume):
+            log.warning("%s: Ray Train's checkpoint points at %s, which is gone; using the run's latest",
+                        spec.run_name, resume)
+            resume = None
+
+    def report(metrics: dict, checkpoint_uri: str | None) -> None:
+        if checkpoint_uri is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / POINTER_FILE).write_text(json.dumps({"uri": checkpoint_uri,
+                                                            "iteration": metrics.get("iteration")}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    hooks = TestHooks(**config["test_hooks"]) if config.get("test_hooks") else None
+    run_worker(spec, make_epoch, sketches, report=report, rank=rank, world_size=world,
+               resume_checkpoint=resume, hooks=hooks)
+
+
+def _test_hooks_from_env() -> dict | None:
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return None
+    at, marker = raw.split(":", 1)
+    return {"crash_at": int(at), "crash_marker": marker}
+
+
+def image_dataset(dataset_uri: str):
+    """A Ray Dataset of a preprocessed dataset's images. A small one is materialised in the object store once:
+    re-reading the files costs seconds per epoch, and an epoch of a small set is a few steps."""
+    import ray.data
+
+    pairs = layout.pairs_uri(dataset_uri)
+    fs, path = storage.filesystem(pairs)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["image"])
+    small = sum(e.size for e in storage.list_entries(pairs, suffix=".parquet")) <= MATERIALIZE_MAX_BYTES
+    return ds.materialize() if small else ds
+
+
+def ray_storage(cfg: Config) -> dict[str, Any]:
+    """RunConfig storage arguments: Ray Train's own (small) state below the storage root."""
+    root = layout.ray_train_uri(cfg)
+    if storage.is_s3(root):
+        fs, path = storage.filesystem(root)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(Path(root).resolve())}
+
+
+def prepare_run_inputs(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
+    """Each run's inputs in Ray, prepared on the driver before any trainer starts: read tasks then cannot starve
+    behind training workers that hold every CPU. Runs on the same dataset share one (cached) Ray Dataset."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same stream on every attempt: bit-exact resume
+    ctx.enable_progress_bars = False
+    images: dict[str, Any] = {}
+    out = {}
+    for plan in plans:
+        data: dict[str, Any] = {}
+        if plan.dataset_uri is not None:
+            if plan.dataset_uri not in images:
+                images[plan.dataset_uri] = image_dataset(plan.dataset_uri)
+            data["images"] = images[plan.dataset_uri]
+        if plan.sketch_set is not None:
+            data["sketches"] = ray.put(plan.sketch_set.blobs)
+        out[plan.run_name] = data
+    return out
+
+
+def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
+    """Ray Train's ``datasets`` for a run's real images, and whether they come one part per rank.
+
+    A streaming split starts a new execution of the dataset at every epoch, driven by a coordinator actor (one
+    more process beside training). A materialised dataset (`image_dataset`) is instead split once, on the
+    driver, into equal parts: rank r reads ``images_<r>`` straight from the object store, with no coordinator.
+    (Not measurably faster on a two-core CPU machine: see benchmarks/README.md.)
+    """
+    from ray.data.dataset import MaterializedDataset
+
+    if images is None:
+        return {}, False
+    if not isinstance(images, MaterializedDataset):
+        return {"images": images}, False
+    parts = images.split(num_workers, equal=True) if num_workers > 1 else [images]
+    return {f"images_{rank}": part for rank, part in enumerate(parts)}, True
+
+
+def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = None):
+    """The `TorchTrainer` for one run, given its `prepare_run_inputs` entry (``callbacks`` go to `RunConfig`,
+    e.g. Tune's report callback)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.backend import torch_config_for
+
+    spec = plan.spec
+    run = spec.section
+    datasets, per_rank = image_datasets(data.get("images"), run.num_workers)
+    resources: dict[str, float] = {"CPU": run.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = run.gpus_per_worker or 1.0  # fractional: several small fine-tunes share one GPU
+    config = {"spec": spec, "has_images": bool(datasets), "images_per_rank": per_rank, "shuffle_buffer": 64,
+              "sketches": data.get("sketches"), "test_hooks": _test_hooks_from_env()}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=torch_config_for(run.num_workers),
+        run_config=RunConfig(
+            # a fresh Ray Train run per launch: our checkpoints, not Ray's, carry state across launches
+            name=f"{spec.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            callbacks=callbacks, **ray_storage(spec.cfg)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[] if per_rank else list(datasets)),
+    )
+
+
+def fit_plan(plan: RunPlan, data: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or reuse) one planned run to completion; returns a summary with its final metadata."""
+    spec = plan.spec
+    summary = {"run_name": spec.run_name, "run_uri": spec.run_uri}
+    if plan.state == "finished":
+        log.info("%s already finished at %s: reusing it", spec.run_name, spec.run_uri)
+        return {**summary, "reused": True, "metadata": layout.open_finished_run(spec.run_uri).metadata}
+    ensure_ray()
+    if data is None:
+        data = prepare_run_inputs([plan])[plan.run_name]
+    if plan.state == "continue":
+        run_store.mark_unfinished(spec.run_uri)
+    run_store.write_run_info(spec)
+    t0 = time.time()
+    log.info("%s: %s (%d iterations)%s", spec.run_name, "continuing" if plan.state == "continue" else "starting",
+             spec.section.iterations, f", sketch set {spec.sketch_set['name']}" if spec.sketch_set else "")
+    trainer_for(plan, data, callbacks).fit()
+    finished = layout.finished_run(spec.run_uri)
+    if finished is None:
+        raise TrainingRunError(f"run {spec.run_name}: training ended without writing "
+                               f"{layout.final_metadata_uri(spec.run_uri)}")
+    log.info("%s finished in %.0fs -> %s", spec.run_name, time.time() - t0, spec.run_uri)
+    return {**summary, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": finished.metadata}
+
+
+def run_training(cfg: Config, sketch: SketchSetSpec, run_name: str | None = None,
+                 callbacks: list | None = None) -> dict[str, Any]:
+    """Validate and fit one GANSketching run (what a Tune trial calls); returns its summary."""
+    planning.check_workers(cfg.train, "train")
+    base_sha = planning.check_base_checkpoints(cfg)
+    return fit_plan(planning.plan_train_run(cfg, sketch, run_name, base_g_sha=base_sha), callbacks=callbacks)
+
+
+def train_all(cfg: Config) -> list[dict[str, Any]]:
+    """Customise the base model once per sketch set, several runs at once; one summary per run."""
+    plans = planning.plan_train(cfg)  # every input of every run checked before any worker starts
+    todo = [plan for plan in plans if plan.state != "finished"]
+    if todo:
+        ensure_ray()
+    data = prepare_run_inputs(todo) if todo else {}
+    workers = max(1, min(cfg.train.max_concurrent_runs, len(plans)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
+        futures = [(plan.run_name, pool.submit(fit_plan, plan, data.get(plan.run_name))) for plan in plans]
+        results, failures = [], []
+        for name, fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception as exc:  # keep the other runs going; report every failure at the end
+                failures.append(f"{name}: {exc}")
+    if failures:
+        raise TrainingRunError(f"{len(failures)} of {len(plans)} training runs failed:\n  " + "\n  ".join(failures))
+    return results
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """Train a base StyleGAN2 from scratch on the configured dataset's images."""
+    return fit_plan(planning.plan_pretrain(cfg))
