@@ -1,3 +1,5 @@
+"""`python -m pipeline`: the `sketchgan` command line."""
+
 import sys
 
 from pipeline.cli import main

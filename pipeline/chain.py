@@ -102,7 +102,7 @@ def ensure_base(cfg: Config, report: ChainReport) -> tuple[Config, str]:
     return cfg, ("reusing" if summary.get("reused") else "pretrained") + f" base {summary['run_uri']}"
 
 
-def train(cfg: Config, report: ChainReport) -> str:
+def train_stage(cfg: Config, report: ChainReport) -> str:
     from pipeline.train.raytrain import train_all
 
     report.runs = train_all(cfg)
@@ -110,7 +110,7 @@ def train(cfg: Config, report: ChainReport) -> str:
     return f"{len(report.runs)} run(s), {reused} reused: " + ", ".join(r["run_uri"] for r in report.runs)
 
 
-def register(cfg: Config, report: ChainReport) -> str:
+def register_stage(cfg: Config, report: ChainReport) -> str:
     if not cfg.registry.auto_register:
         return "skipped (registry.auto_register is false)"
     from pipeline.registry.mlflow_registry import register_run
@@ -121,7 +121,7 @@ def register(cfg: Config, report: ChainReport) -> str:
     return ", ".join(f"{n} v{v}" for n, v in report.registered)
 
 
-def benchmark(cfg: Config, report: ChainReport) -> str:
+def benchmark_stage(cfg: Config, report: ChainReport) -> str:
     from pipeline.eval.benchmark import benchmark as run_benchmark
 
     if not cfg.eval.models:
@@ -159,9 +159,9 @@ def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:
     progress.stage("sketch sets", step(prepare_sketch_sets))
     progress.stage("evaluation sets", step(lambda c: prepare_evalsets(c, evalset_size)))
     progress.stage("base model", step(lambda c: ensure_base(c, report)))
-    progress.stage("train", step(lambda c: train(c, report)))
-    progress.stage("register", step(lambda c: register(c, report)))
-    progress.stage("benchmark", step(lambda c: benchmark(c, report)))
+    progress.stage("train", step(lambda c: train_stage(c, report)))
+    progress.stage("register", step(lambda c: register_stage(c, report)))
+    progress.stage("benchmark", step(lambda c: benchmark_stage(c, report)))
     return report
 
 

@@ -55,7 +55,7 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("preprocess", "LSUN LMDB / image folder -> image + sketch pairs in Parquet (Ray Data)",
-            commands.preprocess, [
+            commands.preprocess_command, [
         to_key("--source", key="data.source", help="LSUN LMDB folder, image folder/prefix or Parquet (local or s3://)"),
         to_key("--category", key="data.category", help="category name, e.g. cat, horse, church"),
         to_key("--out", key="data.dataset", help="output dataset URI (default <root>/datasets/<category>)"),
@@ -68,7 +68,8 @@ COMMANDS: list[Command] = [
         to_key("--max-error-rate", key="data.max_error_rate", type=float,
                help="fail when more than this share of records is bad (default 0.01)"),
     ]),
-    Command("sketchset", "create a user sketch set (Parquet) from drawings or dataset ids", commands.sketchset_create, [
+    Command("sketchset", "create a user sketch set (Parquet) from drawings or dataset ids",
+            commands.sketchset_create_command, [
         to_arg("--name", arg="name", required=True, help="sketch set name"),
         to_arg("--from-dir", arg="from_dir", help="folder or s3:// prefix of drawings (PNG/JPEG)"),
         to_arg("--from-ids", arg="from_ids", help="file listing dataset ids, one per line"),
@@ -76,25 +77,25 @@ COMMANDS: list[Command] = [
         to_arg("--out", arg="out", help="output URI (default <root>/sketchsets/<name>)"),
     ], subcommand="create"),
     Command("evalset", "create an evaluation set: real images whose sketches are nearest a sketch set",
-            commands.evalset_create, [
+            commands.evalset_create_command, [
                 to_arg("--sketchset", arg="sketchset", required=True, help="sketch set URI"),
                 to_arg("--dataset", arg="dataset", required=True, help="preprocessed dataset URI"),
                 to_arg("--n", arg="n", type=int, help="number of images"),
                 to_arg("--out", arg="out", help="output URI"),
             ], subcommand="create"),
     Command("pretrain", "train a base StyleGAN2 from scratch on a Parquet image dataset (Ray Train)",
-            commands.pretrain),
-    Command("train", "customise the base GAN, one run per sketch set (Ray Train)", commands.train, [
+            commands.pretrain_command),
+    Command("train", "customise the base GAN, one run per sketch set (Ray Train)", commands.train_command, [
         to_key("--resume", key="train.resume", help="resume from this run's latest checkpoint"),
     ]),
-    Command("tune", "sweep augmentation / regularisation settings (Ray Tune)", commands.tune, [
+    Command("tune", "sweep augmentation / regularisation settings (Ray Tune)", commands.tune_command, [
         to_key("--resume", key="tune.resume", action="store_true", default=None, help="restore an interrupted sweep"),
     ]),
-    Command("benchmark", "FID / KID of models against their evaluation sets", commands.benchmark),
-    Command("models", "list registered models (name, versions, aliases, FID)", commands.models_list,
+    Command("benchmark", "FID / KID of models against their evaluation sets", commands.benchmark_command),
+    Command("models", "list registered models (name, versions, aliases, FID)", commands.models_list_command,
             subcommand="list"),
     Command("generate", "write a grid of samples (or an interpolation strip) from a registered model or checkpoint",
-            commands.generate, [
+            commands.generate_command, [
                 to_arg("--model", arg="model", required=True,
                        help="models:/NAME@ALIAS, models:/NAME/VERSION or a G checkpoint URI"),
                 to_arg("--n", arg="n", type=int, default=16, help="number of samples"),
@@ -104,8 +105,9 @@ COMMANDS: list[Command] = [
                 to_arg("--interpolate", arg="interpolate", action="store_true",
                        help="latent interpolation between two seeds"),
             ]),
-    Command("pipeline", "run the whole chain from one config (what jobs/pipeline.py submits)", commands.pipeline),
-    Command("demo", "run the whole pipeline on generated data on this machine", commands.demo,
+    Command("pipeline", "run the whole chain from one config (what jobs/pipeline.py submits)",
+            commands.pipeline_command),
+    Command("demo", "run the whole pipeline on generated data on this machine", commands.demo_command,
             default_config=str(DEMO_CONFIG)),
 ]
 

@@ -15,14 +15,14 @@ from pipeline.config import Config
 log = logging.getLogger("sketchgan")
 
 
-def preprocess(cfg: Config) -> int:
+def preprocess_command(cfg: Config) -> int:
     from pipeline.data.preprocess import preprocess as run
 
     print(f"preprocess: {run(cfg)}", flush=True)
     return 0
 
 
-def sketchset_create(cfg: Config, name: str, from_dir: str | None = None, from_ids: str | None = None,
+def sketchset_create_command(cfg: Config, name: str, from_dir: str | None = None, from_ids: str | None = None,
                      dataset: str | None = None, out: str | None = None) -> int:
     from pipeline.data.sketchsets import SketchSetError, create_sketch_set
 
@@ -33,7 +33,8 @@ def sketchset_create(cfg: Config, name: str, from_dir: str | None = None, from_i
     return 0
 
 
-def evalset_create(cfg: Config, sketchset: str, dataset: str, n: int | None = None, out: str | None = None) -> int:
+def evalset_create_command(cfg: Config, sketchset: str, dataset: str, n: int | None = None,
+                           out: str | None = None) -> int:
     from pipeline.data.evalsets import create_evalset
 
     man = create_evalset(cfg, sketchset, dataset=dataset, n=n, out=out)
@@ -57,7 +58,7 @@ def _track(cfg: Config, run_uris: list[str]) -> None:
         print(line, flush=True)
 
 
-def pretrain(cfg: Config) -> int:
+def pretrain_command(cfg: Config) -> int:
     from pipeline.train.raytrain import pretrain as run
 
     s = run(cfg)
@@ -68,7 +69,7 @@ def pretrain(cfg: Config) -> int:
     return 0
 
 
-def train(cfg: Config) -> int:
+def train_command(cfg: Config) -> int:
     from pipeline.train.raytrain import TrainingRunError, train_all
 
     try:
@@ -84,7 +85,7 @@ def train(cfg: Config) -> int:
     return 0
 
 
-def tune(cfg: Config) -> int:
+def tune_command(cfg: Config) -> int:
     from pipeline.tune.sweep import run_sweep
 
     summary = run_sweep(cfg)
@@ -103,7 +104,7 @@ def tune(cfg: Config) -> int:
     return 0
 
 
-def benchmark(cfg: Config) -> int:
+def benchmark_command(cfg: Config) -> int:
     from pipeline.eval.benchmark import benchmark as run
     from pipeline.eval.report import to_markdown
 
@@ -113,7 +114,7 @@ def benchmark(cfg: Config) -> int:
     return 0
 
 
-def models_list(cfg: Config) -> int:
+def models_list_command(cfg: Config) -> int:
     from pipeline.redact import scrub_text
     from pipeline.registry import tracking
     from pipeline.registry.mlflow_registry import model_lines
@@ -127,7 +128,7 @@ def models_list(cfg: Config) -> int:
     return 0
 
 
-def generate(cfg: Config, model: str, out: str, n: int = 16, truncation: float = 1.0, seed: int = 0,
+def generate_command(cfg: Config, model: str, out: str, n: int = 16, truncation: float = 1.0, seed: int = 0,
              interpolate: bool = False) -> int:
     from pipeline.registry.generate import write_images
 
@@ -135,7 +136,7 @@ def generate(cfg: Config, model: str, out: str, n: int = 16, truncation: float =
     return 0
 
 
-def pipeline(cfg: Config) -> int:
+def pipeline_command(cfg: Config) -> int:
     from pipeline.chain import print_where_to_look, run_chain
 
     report = run_chain(cfg)
@@ -143,7 +144,7 @@ def pipeline(cfg: Config) -> int:
     return 0
 
 
-def demo(cfg: Config) -> int:
+def demo_command(cfg: Config) -> int:
     from pipeline.demo import run_demo
 
     run_demo(cfg)

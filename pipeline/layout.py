@@ -22,7 +22,7 @@ run); writers publish the marker last (`storage.staged_publish`), readers refuse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
@@ -189,8 +189,8 @@ def manifest_id(manifest: dict) -> str | None:
 
 
 @dataclass
-class Dataset:
-    """A complete preprocessed dataset."""
+class Manifested:
+    """A complete artefact: where it is and its manifest."""
 
     uri: str
     manifest: dict[str, Any]
@@ -198,6 +198,11 @@ class Dataset:
     @property
     def id(self) -> str | None:
         return manifest_id(self.manifest)
+
+
+@dataclass
+class Dataset(Manifested):
+    """A complete preprocessed dataset."""
 
     @property
     def pairs_uri(self) -> str:
@@ -215,21 +220,23 @@ def open_dataset(uri: str, need_pairs: bool = True) -> Dataset:
 
 
 @dataclass
-class SketchSet:
+class SketchSet(Manifested):
     """A stored sketch set: its manifest and the encoded sketches (``ids[i]`` names ``blobs[i]``)."""
 
-    uri: str
-    manifest: dict[str, Any]
-    ids: list[str]
-    blobs: list[bytes]
+    ids: list[str] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.manifest.get("name") or self.uri.rstrip("/").rsplit("/", 1)[-1]
 
-    @property
-    def id(self) -> str | None:
-        return manifest_id(self.manifest)
+
+def publish_table_set(out: str, table_name: str, table, manifest: dict[str, Any]) -> None:
+    """Publish a one-table artefact (a sketch set: `SKETCHES`; an evaluation set: `EVALSET_IMAGES`) whole,
+    replacing what was at ``out``; the manifest goes last."""
+    with storage.staged_publish(out, marker=MANIFEST) as staging:
+        storage.write_parquet(join(staging, table_name), table)
+        storage.write_json(manifest_uri(staging), manifest)
 
 
 def sketch_set_exists(uri: str) -> bool:
@@ -257,15 +264,8 @@ def read_sketch_set(uri: str, name: str | None = None) -> SketchSet:
 
 
 @dataclass
-class EvalSet:
+class EvalSet(Manifested):
     """A complete evaluation set (real images for FID)."""
-
-    uri: str
-    manifest: dict[str, Any]
-
-    @property
-    def id(self) -> str | None:
-        return manifest_id(self.manifest)
 
     @property
     def images_uri(self) -> str:

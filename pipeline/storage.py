@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -132,16 +132,24 @@ def write_bytes(uri: str, data: bytes) -> None:
         except Exception as exc:  # botocore raises many unrelated types
             raise _wrap(uri, exc, "cannot write") from exc
         return
-    path = local_path_of(uri)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_local(uri, write)
+
+
+def _replace_local(uri: str, write: Callable[[Path], None]) -> None:
+    """Write a local file under a temporary name with ``write(tmp)``, then rename it into place."""
+    dest = local_path_of(uri)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write(tmp)
+            os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as exc:
@@ -166,17 +174,7 @@ def upload_file(local_path: str | Path, uri: str) -> None:
         except Exception as exc:
             raise _wrap(uri, exc, "cannot upload to") from exc
         return
-    dest = local_path_of(uri)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise _wrap(uri, exc, "cannot write") from exc
+    _replace_local(uri, lambda tmp: shutil.copyfile(local_path, tmp))
 
 
 def download_file(uri: str, local_path: str | Path) -> Path:

@@ -131,3 +131,64 @@ def test_unwritable_root_is_named(tmp_path):
     # a root below a regular file can never be created, even as root user
     with pytest.raises(StorageError, match="storage root .*file/sub is not writable"):
         storage.ensure_writable(str(blocker / "sub"))
+
+
+def test_staged_publish_replaces_whole_and_marker_last(root):
+    out = storage.join(root, "set")
+    with storage.staged_publish(out, marker="manifest.json") as staging:
+        storage.write_bytes(storage.join(staging, "a.bin"), b"1")
+        storage.write_bytes(storage.join(staging, "old.bin"), b"stale")
+        storage.write_json(storage.join(staging, "manifest.json"), {"v": 1})
+        assert not storage.exists(storage.join(out, "manifest.json"))  # nothing visible before the block ends
+    with storage.staged_publish(out, marker="manifest.json") as staging:
+        storage.write_bytes(storage.join(staging, "a.bin"), b"2")
+        storage.write_json(storage.join(staging, "manifest.json"), {"v": 2})
+    assert storage.list_files(out) == [storage.join(out, "a.bin"), storage.join(out, "manifest.json")]
+    assert storage.read_bytes(storage.join(out, "a.bin")) == b"2" and storage.read_json(
+        storage.join(out, "manifest.json")) == {"v": 2}
+    # no staging left beside the target (hidden names included)
+    parent = out.rsplit("/", 1)[0]
+    fs, path = storage.filesystem(parent)
+    import pyarrow.fs as pafs
+
+    names = {i.path.rsplit("/", 1)[-1] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    assert not any(".staging-" in n for n in names), names
+
+
+def test_staged_publish_failure_leaves_the_old_content(root):
+    out = storage.join(root, "set")
+    with storage.staged_publish(out, marker="manifest.json") as staging:
+        storage.write_bytes(storage.join(staging, "a.bin"), b"old")
+        storage.write_json(storage.join(staging, "manifest.json"), {"v": 1})
+    with pytest.raises(RuntimeError, match="half-way"):
+        with storage.staged_publish(out, marker="manifest.json") as staging:
+            storage.write_bytes(storage.join(staging, "a.bin"), b"new")
+            raise RuntimeError("died half-way")
+    assert storage.read_bytes(storage.join(out, "a.bin")) == b"old"
+    assert storage.read_json(storage.join(out, "manifest.json")) == {"v": 1}
+
+
+def test_staging_of_a_killed_process_is_removed_by_the_next_publish(tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "data" / "set")
+    code = ("import os, sys; from pipeline import storage\n"
+            "with storage.staged_publish(sys.argv[1]) as s:\n"
+            "    storage.write_bytes(storage.join(s, 'x.bin'), b'x'); os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, out]).returncode == 9
+    left = [p.name for p in (tmp_path / "data").iterdir()]
+    assert any(".staging-" in n for n in left), left  # the killed process left its staging behind
+    with storage.staged_publish(out) as staging:
+        storage.write_bytes(storage.join(staging, "y.bin"), b"y")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["set"]
+    assert storage.list_files(out) == [storage.join(out, "y.bin")]
+
+
+def test_list_entries_sizes_and_a_single_file(root):
+    a = storage.join(root, "d", "a.parquet")
+    storage.write_bytes(a, b"12345")
+    storage.write_bytes(storage.join(root, "d", ".hidden", "h.parquet"), b"h")
+    [entry] = storage.list_entries(storage.join(root, "d"), suffix=".parquet")
+    assert (entry.uri, entry.rel, entry.size) == (a, "a.parquet", 5)
+    assert [e.uri for e in storage.list_entries(a)] == [a]

@@ -126,9 +126,7 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
         "max_distance": float(images["distance"].to_numpy().max()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with storage.staged_publish(out, marker=layout.MANIFEST) as staging:
-        storage.write_parquet(layout.evalset_images_uri(staging), images)
-        storage.write_json(layout.manifest_uri(staging), manifest)
+    layout.publish_table_set(out, layout.EVALSET_IMAGES, images, manifest)
     return {**manifest, "uri": out}
 
 

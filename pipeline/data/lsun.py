@@ -74,7 +74,7 @@ def local_lmdb(uri: str) -> str:
     return str(cache)
 
 
-def _open(path: str):
+def _open_lmdb(path: str):
     import lmdb
 
     try:
@@ -89,7 +89,7 @@ def _table(keys: list[str], values: list[bytes]) -> pa.Table:
 
 def read_lmdb_range(uri: str, first: bytes, count: int) -> Iterator[pa.Table]:
     """``count`` records from key ``first`` on, in blocks of `ROWS_PER_BLOCK`."""
-    env = _open(local_lmdb(uri))
+    env = _open_lmdb(local_lmdb(uri))
     try:
         with env.begin(buffers=False) as txn:
             cur = txn.cursor()
@@ -119,7 +119,7 @@ def lmdb_splits(uri: str, limit: int | None = None) -> tuple[list[tuple[bytes, i
     h = hashlib.sha256()
     h.update(str((Path(path) / "data.mdb").stat().st_size).encode())
     splits: list[tuple[bytes, int]] = []
-    env = _open(path)
+    env = _open_lmdb(path)
     try:
         with env.begin() as txn:
             n = 0
@@ -181,25 +181,14 @@ def _lmdb_datasource_class():
     return _LmdbDatasource
 
 
-def _image_file_infos(uri: str) -> list:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    out = []
-    for info in infos:
-        rel = info.path[len(path):].lstrip("/")
-        if info.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
-            continue
-        if rel.lower().endswith(IMAGE_SUFFIXES):
-            out.append(info)
-    return sorted(out, key=lambda i: i.path)
+def _image_files(uri: str) -> list[storage.Entry]:
+    return [e for e in storage.list_entries(uri) if e.rel.lower().endswith(IMAGE_SUFFIXES)]
 
 
-def _fingerprint_infos(infos: list, base: str) -> str:
+def _fingerprint(entries: list[storage.Entry], base: str) -> str:
     h = hashlib.sha256()
-    for info in infos:
-        h.update(f"{info.path[len(base):]}|{info.size}\n".encode())
+    for entry in entries:
+        h.update(f"{entry.path[len(base):]}|{entry.size}\n".encode())
     return h.hexdigest()
 
 
@@ -208,7 +197,7 @@ def read_image_files(uri: str, limit: int | None = None):
     import ray.data
 
     fs, base = storage.filesystem(uri)
-    infos = _image_file_infos(uri)[:limit] if limit else _image_file_infos(uri)
+    infos = _image_files(uri)[:limit] if limit else _image_files(uri)
     if not infos:
         raise SourceError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) below {uri}")
     prefix = base.rstrip("/") + "/"
@@ -218,20 +207,15 @@ def read_image_files(uri: str, limit: int | None = None):
         return pa.table({"source_key": pa.array(keys, pa.string()), "data": batch.column("bytes")})
 
     ds = ray.data.read_binary_files([i.path for i in infos], filesystem=fs, include_paths=True)
-    return ds.map_batches(rename, batch_format="pyarrow"), _fingerprint_infos(infos, base)
+    return ds.map_batches(rename, batch_format="pyarrow"), _fingerprint(infos, base)
 
 
 def read_parquet_images(uri: str, limit: int | None = None):
     """(Ray dataset, fingerprint) over our own Parquet: the ``image`` column, ``source_key`` from ``id``."""
-    import pyarrow.fs as pafs
     import ray.data
 
     fs, base = storage.filesystem(uri)
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-             if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-             and not any(p.startswith((".", "_")) for p in i.path[len(base):].split("/"))]
-    if fs.get_file_info(base).type == pafs.FileType.File:
-        infos = [fs.get_file_info(base)]
+    infos = storage.list_entries(uri, suffix=".parquet")
     if not infos:
         raise SourceError(f"no Parquet files at {uri}")
     paths = sorted(i.path for i in infos)
@@ -240,7 +224,7 @@ def read_parquet_images(uri: str, limit: int | None = None):
         ds = ds.limit(limit)
     ds = ds.map_batches(lambda b: pa.table({"source_key": b.column("id"), "data": b.column("image")}),
                         batch_format="pyarrow")
-    return ds, _fingerprint_infos(sorted(infos, key=lambda i: i.path), base) + f"|limit={limit}"
+    return ds, _fingerprint(infos, base) + f"|limit={limit}"
 
 
 def read_source(uri: str, limit: int | None = None):

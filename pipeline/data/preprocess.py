@@ -132,8 +132,8 @@ def _pairs_datasink_class():
     from ray.data import Datasink
 
     class PairsDatasink(Datasink):
-        """Writes each task's rows below the staging location: pairs to ``pairs/category=C/part-N.parquet``,
-        bad records to ``errors/part-N.parquet`` (a retried task rewrites the same names: no duplicates)."""
+        """Writes each task's rows below the staging location: pairs to the category's partition, bad records to
+        the error table, one ``part-N`` file each (a retried task rewrites the same names: no duplicates)."""
 
         def __init__(self, staging: str, category: str, rows_per_file: int):
             self.staging, self.category, self.rows_per_file = staging, category, rows_per_file
@@ -152,7 +152,7 @@ def _pairs_datasink_class():
                       for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"rows": 0, "pairs": 0, "errors": 0, "examples": [], "files": []}
+                return {"rows": 0, "good": 0, "bad": 0, "examples": [], "files": []}
             table = pa.concat_tables(tables, promote_options="default")
             bad_mask = pc.not_equal(table["reason"], "")
             good = table.filter(pc.invert(bad_mask)).select(list(PAIR_COLUMNS))
@@ -166,14 +166,14 @@ def _pairs_datasink_class():
                     pq.write_table(part, path, filesystem=fs)
                     files.append(rel)
             examples = list(zip(bad["source_key"].to_pylist()[:10], bad["reason"].to_pylist()[:10]))
-            return {"rows": table.num_rows, "pairs": good.num_rows, "errors": bad.num_rows,
+            return {"rows": table.num_rows, "good": good.num_rows, "bad": bad.num_rows,
                     "examples": examples, "files": files}
 
         def on_write_complete(self, write_result) -> None:
             returns = [r for r in write_result.write_returns if r]
             self.result = {
-                "rows": sum(r["rows"] for r in returns), "pairs": sum(r["pairs"] for r in returns),
-                "errors": sum(r["errors"] for r in returns),
+                "rows": sum(r["rows"] for r in returns), "good": sum(r["good"] for r in returns),
+                "bad": sum(r["bad"] for r in returns),
                 "examples": [e for r in returns for e in r["examples"]][:20],
                 "files": sorted(f for r in returns for f in r["files"]),
             }
@@ -268,8 +268,8 @@ def _run(cfg: Config, d, out: str, staging: str, t0: float) -> tuple[dict, float
     log.info("preprocess %s -> %s: %d sketch actor(s), %d torch threads each, sketching in %s", d.source, out,
              plan["actors"], plan["threads"], plan["precision"])
     ds.write_datasink(sink)
-    result = sink.result or {"rows": 0, "pairs": 0, "errors": 0, "examples": [], "files": []}
-    counts = {"rows_in": result["rows"], "rows_out": result["pairs"], "errors": result["errors"]}
+    result = sink.result or {"rows": 0, "good": 0, "bad": 0, "examples": [], "files": []}
+    counts = {"rows_in": result["rows"], "rows_out": result["good"], "errors": result["bad"]}
     if counts["rows_in"] == 0:
         raise PreprocessError(f"the source {d.source} yielded no records")
     rate = counts["errors"] / counts["rows_in"]

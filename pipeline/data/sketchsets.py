@@ -111,9 +111,7 @@ def create_sketch_set(cfg: Config, name: str, from_dir: str | None = None, from_
                       "size": pa.array([size] * len(ids), pa.int64())})
     manifest = {"name": name, "id": content_id(ids, sketches), "count": len(ids), "size": size, **origin,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with storage.staged_publish(out, marker=layout.MANIFEST) as staging:
-        storage.write_parquet(layout.sketches_uri(staging), table)
-        storage.write_json(layout.manifest_uri(staging), manifest)
+    layout.publish_table_set(out, layout.SKETCHES, table, manifest)
     return {**manifest, "uri": out}
 
 

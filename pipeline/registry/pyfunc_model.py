@@ -82,7 +82,7 @@ class SketchGANModel(_PythonModel):
             self.metadata = json.load(f)
         arch = self.metadata.get("arch")
         if not isinstance(arch, dict):
-            raise ValueError("model artifact metadata.json: no generator architecture ('arch')")
+            raise ValueError("model artifact 'metadata': no generator architecture ('arch')")
         self.device = factory.device_default()
         G = factory.build_generator(arch)
         load_into(G, load_state_dict(context.artifacts["generator"]), source="model artifact generator")

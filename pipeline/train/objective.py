@@ -53,6 +53,11 @@ class GANSketchingStep(StepBase):
     def sketch_real(self, sketches: torch.Tensor) -> torch.Tensor:
         return self.layout(self.augment(apply_transform(sketches, self.t_real, self.sketcher), self.rng))
 
+    def _plus_image_term(self, total: torch.Tensor, loss_image: torch.Tensor, logs: dict, key: str) -> torch.Tensor:
+        """``total`` plus the image discriminator's loss weighted by ``lambda_image`` (logged under ``key``)."""
+        logs[key] = loss_image.item()
+        return total + self.cfg.lambda_image * loss_image
+
     def step(self, iteration: int, real_images: torch.Tensor | None, user_sketches: torch.Tensor) -> dict:
         cfg, loss_kind = self.cfg, self.cfg.gan_loss
         user_sketches = user_sketches.to(self.device)
@@ -74,9 +79,8 @@ class GANSketchingStep(StepBase):
                              self.D_sketch(self.sketch_fake(fake)), loss_kind)
             total = loss_sk
             if self.D_image is not None:
-                loss_im = d_loss(self.D_image(real_images), self.D_image(fake), loss_kind)
-                total = total + cfg.lambda_image * loss_im
-                logs["loss_d_image"] = loss_im.item()
+                total = self._plus_image_term(total, d_loss(self.D_image(real_images), self.D_image(fake), loss_kind),
+                                              logs, "loss_d_image")
         total.backward()
         sync_grads(self.d_params)
         self.opt_d.step()
@@ -106,9 +110,7 @@ class GANSketchingStep(StepBase):
             loss_g_sk = g_loss(self.D_sketch(self.sketch_fake(fake)), loss_kind)
             total = loss_g_sk
             if self.D_image is not None:
-                loss_g_im = g_loss(self.D_image(fake), loss_kind)
-                total = total + cfg.lambda_image * loss_g_im
-                logs["loss_g_image"] = loss_g_im.item()
+                total = self._plus_image_term(total, g_loss(self.D_image(fake), loss_kind), logs, "loss_g_image")
         if cfg.lambda_weight > 0:
             loss_w = weight_loss(self.g_params, self.g_originals)
             total = total + cfg.lambda_weight * loss_w

@@ -57,7 +57,7 @@ def _input(func, *args, **kwargs):
         raise TrainingInputError(str(exc)) from None
 
 
-def open_dataset(cfg: Config) -> layout.Dataset:
+def training_dataset(cfg: Config) -> layout.Dataset:
     """The configured dataset of real images, refused as a training input when missing or without pairs."""
     return _input(layout.open_dataset, layout.dataset_uri(cfg))
 
@@ -79,8 +79,8 @@ def read_sketches(cfg: Config, spec: SketchSetSpec) -> layout.SketchSet:
             with open_image(blob, cfg.data.max_image_pixels) as im:
                 sizes.add(im.size)
         except BadRecord as exc:
-            raise TrainingInputError(f"sketch set {spec.name!r}: sketch {rid!r} in {sketch_set.uri} is unusable "
-                                     f"({exc.reason})") from None
+            raise TrainingInputError(f"sketch set {spec.name!r}: sketch {rid!r} in "
+                                     f"{layout.sketches_uri(sketch_set.uri)} is unusable ({exc.reason})") from None
     size = cfg.model.size
     other = sorted(s for s in sizes if s != (size, size))
     if other:
@@ -97,7 +97,8 @@ def check_base_checkpoints(cfg: Config) -> str:
     arch = factory.generator_kwargs(cfg.model)
     if not cfg.model.base_g:
         raise TrainingInputError("model.base_g is not set: point it at the base generator (netG.pth), e.g. the "
-                                 "published StyleGAN2 checkpoint or final/G.pth of `sketchgan pretrain`")
+                                 f"published StyleGAN2 checkpoint or {layout.final_uri('', layout.G_FILE)} of a "
+                                 "`sketchgan pretrain` run")
     for key, uri, build in (("model.base_g", cfg.model.base_g, factory.build_generator),
                             ("model.base_d", cfg.model.base_d, factory.build_discriminator)):
         if not uri:
@@ -191,7 +192,7 @@ def plan_train_run(cfg: Config, sketch: SketchSetSpec, run_name: str | None = No
     """Validate one sketch set's run (inputs and resumable state)."""
     sketch_set = read_sketches(cfg, sketch)
     needs_images = cfg.train.lambda_image > 0
-    dataset = open_dataset(cfg) if needs_images else None
+    dataset = training_dataset(cfg) if needs_images else None
     run_name = run_name or f"{cfg.train.run_prefix}-{sketch.name}"
     spec = RunSpec(kind="train", run_name=run_name, run_uri=layout.run_uri(cfg, run_name), cfg=cfg,
                    sketch_set={"name": sketch.name, "uri": sketch_set.uri, "id": sketch_set.manifest.get("id"),
@@ -244,7 +245,7 @@ def plan_pretrain(cfg: Config) -> RunPlan:
     """Validate a pretraining run: its dataset, workers and resumable state."""
     check_workers(cfg.pretrain, "pretrain")
     storage.ensure_writable(cfg.storage.root)
-    dataset = open_dataset(cfg)
+    dataset = training_dataset(cfg)
     run_name = cfg.pretrain.run_name
     spec = RunSpec(kind="pretrain", run_name=run_name, run_uri=layout.run_uri(cfg, run_name), cfg=cfg,
                    dataset_manifest_id=dataset.id)

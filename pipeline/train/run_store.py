@@ -1,8 +1,8 @@
 """A training run's storage: its start record, metrics, sample grids, rotating checkpoints and final output.
 
 Everything lives below the run's URI (names in `pipeline.layout`). Checkpoints hold everything a bit-exact
-continuation needs; ``checkpoints/latest.json`` points at the newest complete one. The final output (``final/``)
-is published whole, ``metadata.json`` last: a run with final metadata has finished.
+continuation needs; a pointer names the newest complete one. The final output is published whole, its metadata
+last: a run with final metadata has finished.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def utc_now() -> str:
 
 
 def write_run_info(spec: RunSpec) -> None:
-    """``run.json``: what the run is and was started with (read back when it is continued or logged)."""
+    """The run's start record: what it is and was started with (read back when it is continued or logged)."""
     storage.write_json(layout.run_info_uri(spec.run_uri),
                        {"run_name": spec.run_name, "kind": spec.kind, "sketch_set": spec.sketch_set,
                         "config": spec.config, "started_at": utc_now()})
@@ -40,7 +40,7 @@ def write_metrics(run_uri: str, history: list[dict]) -> None:
 
 
 def read_metrics(run_uri: str) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (empty when the run has logged nothing yet)."""
+    """The run's logged metric rows (empty when it has logged nothing yet)."""
     uri = layout.metrics_uri(run_uri)
     rows = []
     if storage.exists(uri):
@@ -54,7 +54,7 @@ def read_metrics(run_uri: str) -> list[dict]:
 
 
 def write_samples(run_uri: str, G: torch.nn.Module, z: torch.Tensor, iteration: int, device) -> str:
-    """A 4×4 grid of G's images for fixed latents and fixed noise (``samples/iter-<n>.png``)."""
+    """A 4×4 grid of G's images for fixed latents and fixed noise, as the run's sample for ``iteration``."""
     uri = layout.sample_uri(run_uri, iteration)
     storage.write_bytes(uri, grid_png(sample_grid_images(G, z, device), ncol=4))
     return uri
@@ -77,9 +77,8 @@ def checkpoint_iteration(run_uri: str) -> int | None:
 
 
 def save_checkpoint(run_uri: str, iteration: int, state: dict, keep: int, name: str | None = None) -> str:
-    """Write ``ckpt-<iter>.pt`` atomically, move ``latest.json`` to it, then drop all but the last ``keep``.
-
-    ``name`` (e.g. ``best``) writes ``<name>.pt`` and ``<name>.json`` instead, outside the rotation.
+    """Write the iteration's checkpoint atomically, move the latest pointer to it, then drop all but the last
+    ``keep`` rotated ones. ``name`` (e.g. ``best``) writes a named checkpoint and pointer, outside the rotation.
     """
     uri = layout.checkpoint_uri(run_uri, iteration, name)
     buf = io.BytesIO()
@@ -107,7 +106,8 @@ def load_checkpoint(uri: str) -> dict:
 # -- the final output -----------------------------------------------------------------------------------------
 def write_final(spec: RunSpec, published_g: torch.nn.Module, discriminators: dict[str, torch.nn.Module],
                 final_metrics: dict, resumed_at: list[int], best: dict | None) -> None:
-    """Publish ``final/``: the generator, the discriminators (file name -> module) and ``metadata.json``, whole."""
+    """Publish the run's final output whole: the generator, the discriminators (file name -> module) and the
+    metadata, which goes last and means "this run finished"."""
     cfg = spec.cfg
     run_final = layout.final_uri(spec.run_uri)
     with storage.staged_publish(run_final, marker=layout.FINAL_METADATA) as staging:

@@ -29,7 +29,7 @@ class RunSpec:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The config as JSON-ready data (what run.json, checkpoints and metadata record)."""
+        """The config as JSON-ready data (what the start record, checkpoints and final metadata keep)."""
         return self.cfg.model_dump(mode="json")
 
     def fingerprints(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class ImageStream:
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
-    def _open(self) -> None:
+    def _open_epoch(self) -> None:
         self._it = iter(self.make_epoch(self.epoch))
         for _ in range(self.index):
             if next(self._it, None) is None:
@@ -60,7 +60,7 @@ class ImageStream:
         empty_epochs = 0
         while True:
             if self._it is None:
-                self._open()
+                self._open_epoch()
             b = next(self._it, None)
             if b is not None:
                 self.index += 1

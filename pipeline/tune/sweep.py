@@ -114,7 +114,7 @@ def plan_sweep(cfg: Config) -> SweepPlan:
     planning.read_sketches(base, sketch)
     lambdas = space.get("train.lambda_image", [base.train.lambda_image])
     if any(float(v) > 0 for v in lambdas):
-        planning.open_dataset(base)
+        planning.training_dataset(base)
     planning.check_base_checkpoints(base)
     if "w_shift" in space.get("train.trained", []) and not base.model.w_shift:
         try:
