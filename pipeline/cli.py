@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
         for flag in cmd.flags:
-            p.add_argument(*flag.names, dest=flag.dest, **flag.options)
+            options = dict(flag.options)
+            if flag.key and options.get("action") is None:
+                options.setdefault("metavar", flag.names[0].lstrip("-").upper().replace("-", "_"))
+            p.add_argument(*flag.names, dest=flag.dest, **options)
         p.set_defaults(_command=cmd)
     return parser
 

@@ -355,7 +355,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     for key, value in (values or {}).items():
         section, _, field = key.partition(".")
-        data.setdefault(section, {})[field] = value
+        if data.get(section) is None:
+            data[section] = {}
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"config file {source}: {section} is not a section")
+        data[section][field] = value
     data = apply_overrides(data, list(overrides or []))
     try:
         return Config.model_validate(data)

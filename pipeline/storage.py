@@ -348,11 +348,11 @@ def _swap_in(staging: str, out: str, marker: str | None) -> None:
         delete(join(out, marker))  # from here on readers see an incomplete folder, never a mixed one
     fs, _ = filesystem(out)
     try:
-        for rel in sorted(staged, key=lambda r: r == marker):  # the marker last
-            fs.copy_file(staged[rel].path, filesystem(join(out, rel))[1])
-        for entry in list_entries(out):
+        for entry in list_entries(out):  # stale objects go before the marker makes the folder complete again
             if entry.rel not in staged:
                 fs.delete_file(entry.path)
+        for rel in sorted(staged, key=lambda r: r == marker):  # the marker last
+            fs.copy_file(staged[rel].path, filesystem(join(out, rel))[1])
     except OSError as exc:
         raise _wrap(out, exc, "cannot publish") from exc
 
@@ -371,6 +371,8 @@ def staged_publish(out: str, marker: str | None = None) -> Iterator[str]:
     staging = _staging_name(out, "staging")
     try:
         with _held_lock(staging):
+            if not is_s3(staging):
+                local_path_of(staging).mkdir(parents=True)  # an empty publish is an empty folder
             yield staging
             _swap_in(staging, out, marker)
     finally:

@@ -118,3 +118,19 @@ def test_round_trip_yaml(tmp_path):
     cfg = load_config(None, ["train.iterations=11", "storage.root=s3://b/p"])
     p = write(tmp_path, cfg.to_yaml())
     assert load_config(p) == cfg
+
+
+def test_flag_values_fill_an_empty_section_of_the_file(tmp_path):
+    p = write(tmp_path, "data:\ntrain:\n  iterations: 5\n")
+    cfg = load_config(p, ["data.size=128"], values={"data.size": 64, "data.category": "horse"})
+    assert (cfg.data.category, cfg.data.size, cfg.train.iterations) == ("horse", 128, 5)  # --set wins over a flag
+    bad = write(tmp_path, "data: 3\n")
+    with pytest.raises(ConfigError, match="data is not a section"):
+        load_config(bad, values={"data.size": 64})
+
+
+def test_pretraining_has_its_own_run_settings():
+    cfg = load_config(None, ["train.num_workers=2", "train.log_every=7"])
+    assert (cfg.pretrain.num_workers, cfg.pretrain.log_every) == (1, 20)
+    cfg = load_config(None, ["pretrain.num_workers=3", "pretrain.checkpoint_every=9"])
+    assert (cfg.pretrain.num_workers, cfg.pretrain.checkpoint_every, cfg.train.num_workers) == (3, 9, 1)

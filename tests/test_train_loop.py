@@ -246,3 +246,13 @@ def test_continuing_a_run_with_other_settings_is_refused(setup, no_workers):
         raytrain.train_all(cfg)
     with pytest.raises(planning.TrainingInputError, match="cannot resume run 'train-nothing'"):
         raytrain.train_all(tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.resume=train-nothing"))
+
+
+def test_settings_a_run_predates_count_as_their_defaults():
+    """A run recorded before a setting existed continues when the setting is at its default, not otherwise."""
+    new = load_config(None).model_dump(mode="json")
+    old = load_config(None).model_dump(mode="json")
+    del old["pretrain"]["num_workers"]
+    assert planning.config_differences(old, new, "pretrain") == []
+    new["pretrain"]["num_workers"] = 2
+    assert planning.config_differences(old, new, "pretrain") == ["pretrain.num_workers: 1 -> 2"]

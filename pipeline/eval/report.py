@@ -12,7 +12,7 @@ import numpy as np
 from pipeline import layout, storage
 from pipeline.config import Config
 
-log = logging.getLogger("pipeline.eval.benchmark")
+log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
 HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",

@@ -127,13 +127,17 @@ def evalset_for(cfg: Config, spec: SketchSetSpec) -> str | None:
 
 
 def config_differences(old: dict, new: dict, kind: str) -> list[str]:
+    """The settings that must match and differ; a key the old run's config lacks (it predates the key) counts
+    as that key's default."""
+    defaults = Config().model_dump(mode="json")
     diffs = []
     for section in ("model", "data", kind):
         keys = MUST_MATCH[section]
-        o, n = old.get(section, {}), new.get(section, {})
+        o, n, d = old.get(section, {}), new.get(section, {}), defaults.get(section, {})
         for key in keys if keys is not None else sorted(set(o) | set(n)):
-            if o.get(key) != n.get(key):
-                diffs.append(f"{section}.{key}: {o.get(key)!r} -> {n.get(key)!r}")
+            was = o.get(key, d.get(key))
+            if was != n.get(key):
+                diffs.append(f"{section}.{key}: {was!r} -> {n.get(key)!r}")
     return diffs
 
 

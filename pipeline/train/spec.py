@@ -15,7 +15,7 @@ class RunSpec:
     kind: str  # "pretrain" | "train"
     run_name: str
     run_uri: str
-    cfg: Config
+    cfg: Config = field(repr=False)  # its repr would show every setting, locations with credentials included
     sketch_set: dict[str, Any] = field(default_factory=dict)  # name, uri, id, count (train only)
     dataset_manifest_id: str | None = None
     base_g_sha256: str | None = None
