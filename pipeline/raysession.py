@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 log = logging.getLogger("sketchgan.ray")
@@ -45,6 +46,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train passes it from driver to controller
+COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"  # "0": the driver prints workers' lines without colour codes
 
 
 def local_instance_settings() -> None:
@@ -69,4 +71,20 @@ def ensure_ray() -> None:
             address = "local"
     if address in (None, "local"):  # None starts a local instance when there is no cluster to join
         local_instance_settings()
+    if not sys.stdout.isatty():
+        os.environ.setdefault(COLOR_PREFIX_ENV, "0")  # worker lines forwarded to a file or pipe: no ANSI codes
     ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
+    quiet_ray_data(sys.stdout.isatty())
+
+
+def quiet_ray_data(interactive: bool) -> None:
+    """Ray Data on the driver: its own progress bars on a terminal; elsewhere none of its periodic progress
+    log (dozens of lines per small dataset; each stage prints its own summary line), and no INFO line per
+    execution (plan, start, finish) either way."""
+    import ray.data
+
+    if not interactive:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -24,6 +24,7 @@ from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_models
 from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
 from pipeline.eval.report import publish
 from pipeline.eval.resize import PROTOCOL
+from pipeline.progress import Progress
 from pipeline.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
         worker = workers[i % len(workers)]
         compute = lambda u, w=worker: ray.get(w.evalset_features.remote(u))
         refs[uri] = reference_stats(cfg, uri, extractor, compute_features=compute)
-    rows = []
+    rows, bar = [], Progress("benchmark", len(specs), unit="model")
     for spec, future in zip(specs, pending):
         try:
             feats, seconds = ray.get(future)
@@ -143,8 +144,10 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
         rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
                      "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid,
                      "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset})
-        log.info("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
-                 f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
+        log.debug("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
+                  f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
+        bar.update_to(len(rows), spec.label)
+    bar.close()
     return rows
 
 

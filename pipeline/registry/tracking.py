@@ -75,10 +75,19 @@ def _artifact_location(cfg: Config, uri: str) -> str | None:
     return None
 
 
+def quiet_mlflow() -> None:
+    """MLflow's per-artifact download bars and its INFO notes on logging a model are noise in our output; a
+    user's own setting of the bars wins."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow.pyfunc", "mlflow.store.db.utils"):  # "validating input example", "creating tables"
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def client(cfg: Config):
     """An `MlflowClient` for the configured tracking server / store (also the model registry)."""
     import mlflow
 
+    quiet_mlflow()
     uri = tracking_uri(cfg)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 

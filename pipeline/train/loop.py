@@ -119,9 +119,9 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
             if eval_now and evaluator is not None:
                 metrics["fid"] = round(evaluator(final_generator(step)), 4)
             history.append(metrics)
-            if rank == 0:
+            if rank == 0:  # the driver shows progress from these rows: no need to print them here too
                 run_store.write_metrics(spec.run_uri, history)
-                log.info("%s: %s", spec.run_name, " ".join(f"{k}={v}" for k, v in metrics.items()))
+                log.debug("%s: %s", spec.run_name, " ".join(f"{k}={v}" for k, v in metrics.items()))
         new_best = metrics is not None and "fid" in metrics and (best is None or metrics["fid"] < best["fid"])
         if new_best:
             best = {"fid": metrics["fid"], "iteration": n_done}

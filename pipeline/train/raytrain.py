@@ -10,18 +10,21 @@ latest one, which ``ray.train.get_checkpoint()`` hands back to a restarted worke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pipeline import layout, storage
 from pipeline.config import Config, SketchSetSpec
+from pipeline.progress import Poller, Progress
 from pipeline.raysession import ensure_ray
 from pipeline.train import plan as planning
 from pipeline.train import run_store
@@ -47,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.loop import run_worker
     from pipeline.train.streams import decode_png_batch
 
+    _quiet_worker_logs()
     spec: RunSpec = config["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -92,6 +96,43 @@ def train_loop_per_worker(config: dict) -> None:
     hooks = TestHooks(**config["test_hooks"]) if config.get("test_hooks") else None
     run_worker(spec, make_epoch, sketches, report=report, rank=rank, world_size=world,
                resume_checkpoint=resume, hooks=hooks)
+
+
+def _quiet_worker_logs() -> None:
+    """Ray's INFO lines on a training worker (each report, each epoch's dataset) repeat what the driver's
+    progress shows: raise those loggers to WARNING (and Ray Data's note that its bars are off, to ERROR)."""
+    try:  # Ray Train v2 names this logger after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def follow(plans: list[RunPlan]) -> Iterator[None]:
+    """Show each run's progress (iteration, loss, ETA) from the metrics it writes to storage."""
+    bars = {p.run_name: Progress(p.run_name, p.spec.section.iterations, position=i,
+                                 initial=run_store.checkpoint_iteration(p.spec.run_uri) or 0)
+            for i, p in enumerate(plans)}
+
+    def poll() -> None:
+        for p in plans:
+            rows = run_store.read_metrics(p.spec.run_uri)
+            if rows:
+                last = rows[-1]
+                loss = last.get("loss_sketch", last.get("loss_g"))
+                bars[p.run_name].update_to(last["iteration"], f"loss {loss:.3f}" if loss is not None else "",
+                                           last.get("it_per_s"))
+
+    try:
+        with Poller(poll):
+            yield
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _test_hooks_from_env() -> dict | None:
@@ -167,7 +208,7 @@ def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
 def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = None):
     """The `TorchTrainer` for one run, given its `prepare_run_inputs` entry (``callbacks`` go to `RunConfig`,
     e.g. Tune's report callback)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.backend import torch_config_for
@@ -191,6 +232,8 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
             name=f"{spec.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            # Ray Train's INFO lines (resources requested, worker group started) say nothing a user acts on
+            logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks, **ray_storage(spec.cfg)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if per_rank else list(datasets)),
@@ -238,7 +281,7 @@ def train_all(cfg: Config) -> list[dict[str, Any]]:
         ensure_ray()
     data = prepare_run_inputs(todo) if todo else {}
     workers = max(1, min(cfg.train.max_concurrent_runs, len(plans)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
+    with follow(todo), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
         futures = [(plan.run_name, pool.submit(fit_plan, plan, data.get(plan.run_name))) for plan in plans]
         results, failures = [], []
         for name, fut in futures:
@@ -253,4 +296,6 @@ def train_all(cfg: Config) -> list[dict[str, Any]]:
 
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Train a base StyleGAN2 from scratch on the configured dataset's images."""
-    return fit_plan(planning.plan_pretrain(cfg))
+    plan = planning.plan_pretrain(cfg)
+    with follow([plan] if plan.state != "finished" else []):
+        return fit_plan(plan)
