@@ -125,9 +125,14 @@ def benchmark_stage(cfg: Config, report: ChainReport) -> str:
     from pipeline.eval.benchmark import benchmark as run_benchmark
 
     if not cfg.eval.models:
+        # a registered customisation is scored as its model version: the table names the version, and the
+        # registry records the FID on it (`sketchgan models list`)
+        versions = dict(zip((r["run_uri"] for r in report.runs), report.registered))
         models = []
         for spec, run in zip(cfg.train.sketch_sets, report.runs):
-            models.append({"model": run["run_uri"], "evalset": spec.evalset, "category": cfg.data.category,
+            name_version = versions.get(run["run_uri"])
+            ref = f"models:/{name_version[0]}/{name_version[1]}" if name_version else run["run_uri"]
+            models.append({"model": ref, "evalset": spec.evalset, "category": cfg.data.category,
                            "sketch_set": spec.name})
         if report.base_run_uri and cfg.train.sketch_sets:
             first = cfg.train.sketch_sets[0]
