@@ -134,14 +134,13 @@ def benchmark_stage(cfg: Config, report: ChainReport) -> str:
             ref = f"models:/{name_version[0]}/{name_version[1]}" if name_version else run["run_uri"]
             models.append({"model": ref, "evalset": spec.evalset, "category": cfg.data.category,
                            "sketch_set": spec.name})
-        if report.base_run_uri and cfg.train.sketch_sets:
-            first = cfg.train.sketch_sets[0]
-            models.append({"model": report.base_run_uri, "evalset": first.evalset, "category": cfg.data.category,
-                           "sketch_set": f"(base vs {first.name})"})
-        cfg = updated(cfg, {"eval.models": models})
+        # the base, scored on every sketch set's evaluation set: each row's "before" figure (fid_base)
+        base = report.base_run_uri or cfg.model.base_g
+        cfg = updated(cfg, {"eval.models": models, "eval.baseline": cfg.eval.baseline or base})
     rows = run_benchmark(cfg)
     report.benchmark_uri = layout.benchmark_uri(cfg, cfg.eval.name)
-    return "; ".join(f"{r.get('model')} FID {r.get('fid', float('nan')):.2f}" for r in rows)
+    return "; ".join(f"{r['model']} FID {r['fid']:.2f}" + (f" (base {r['fid_base']:.2f})" if r.get("fid_base") else "")
+                     for r in rows if not r.get("baseline"))
 
 
 def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:

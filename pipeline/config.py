@@ -253,6 +253,9 @@ class EvalConfig(Section):
     """FID/KID benchmarking."""
 
     models: list[dict[str, Any]] = Field(default_factory=list)
+    # a model (same forms as eval.models[].model, e.g. the base) scored on every evaluation set of eval.models:
+    # each row then carries fid_base, the baseline's FID on the row's own evaluation set
+    baseline: str | None = None
     n_samples: int = Field(1000, ge=2)
     batch_size: int = Field(50, ge=1)
     # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests) or

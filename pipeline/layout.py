@@ -9,7 +9,7 @@ readers for them. No other module spells these names.
                               checkpoints/{ckpt-<n>.pt, latest.json, best.pt, best.json},
                               final/{G.pth, D.pth | D_sketch.pth, D_image.pth, metadata.json}
 <root>/fid-stats/<hash>.npz   cached reference statistics
-<root>/benchmarks/<name>/     results.{parquet,csv,md}, fid.png
+<root>/benchmarks/<name>/     results.{parquet,csv,md,json}, fid.png
 <root>/tune/<sweep>/          Ray Tune's experiment state
 <root>/ray-train/             Ray Train's own (small) state
 <root>/mlflow/                the embedded MLflow store (local roots only)
@@ -37,7 +37,8 @@ EVALSET_IMAGES = "images.parquet"
 RUN_INFO, METRICS, SAMPLES, CHECKPOINTS, FINAL = "run.json", "metrics.jsonl", "samples", "checkpoints", "final"
 FINAL_METADATA = "metadata.json"
 G_FILE, D_FILE, D_SKETCH_FILE, D_IMAGE_FILE = "G.pth", "D.pth", "D_sketch.pth", "D_image.pth"
-BENCHMARK_FILES = {"parquet": "results.parquet", "csv": "results.csv", "markdown": "results.md", "chart": "fid.png"}
+BENCHMARK_FILES = {"parquet": "results.parquet", "csv": "results.csv", "markdown": "results.md",
+                   "json": "results.json", "chart": "fid.png"}
 
 
 class ArtifactError(ValueError):

@@ -230,3 +230,50 @@ def test_markdown_and_csv_tables():
     assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 0.012346 | 4.6 |"
     assert to_csv(rows).splitlines()[0] == "model,version,category,sketch_set,n,fid,kid,seconds,evalset"
 
+
+
+def test_baseline_rows_fill_fid_base_and_the_outputs():
+    """Each customised model's row carries the base's FID on that model's own evaluation set."""
+    import json
+
+    from pipeline.eval.benchmark import add_baseline_fids
+    from pipeline.eval.report import fid_chart, to_csv, to_json, to_markdown
+
+    def row(model, evalset, fid, baseline=False, version=""):
+        return {"model": model, "version": version, "category": "shapes", "sketch_set": evalset[-1], "n": 10,
+                "fid": fid, "kid": 0.1, "seconds": 1.0, "evalset": evalset, "baseline": baseline}
+
+    rows = [row("tri", "/e/a", 5.0, version="2"), row("circ", "/e/b", 7.0), row("base", "/e/a", 20.0, True),
+            row("base", "/e/b", 30.0, True)]
+    add_baseline_fids(rows)
+    assert [r.get("fid_base") for r in rows] == [20.0, 30.0, None, None]
+    md = to_markdown(rows).splitlines()
+    assert md[0].endswith("| FID of the base |") and md[2].endswith("| 20.0000 |") and md[4].endswith("|  |")
+    assert to_csv(rows).splitlines()[0].endswith(",evalset,fid_base,baseline")
+    parsed = json.loads(to_json(rows))
+    assert parsed[1]["fid_base"] == 30.0 and parsed[2]["baseline"] is True and parsed[0]["version"] == "2"
+    png = fid_chart(rows, "t")
+    assert png[:4] == b"\x89PNG"
+    # without a baseline the table keeps its columns
+    plain = [row("tri", "/e/a", 5.0)]
+    plain[0].pop("baseline")
+    assert "FID of the base" not in to_markdown(plain) and to_csv(plain).splitlines()[0].endswith(",evalset")
+
+
+def test_the_baseline_is_scored_once_per_evaluation_set(tmp_path):
+    from pipeline.eval.models import resolve_baseline
+
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}"])
+    a, b, base = (layout.run_uri(cfg, n) for n in ("train-a", "train-b", "base"))
+    _finished_run(a, {"run_name": "train-a", "sketch_set": {"name": "a"}})
+    _finished_run(b, {"run_name": "train-b", "sketch_set": {"name": "b"}})
+    _finished_run(base, {"run_name": "base"})
+    entries = f"[{{model: {a}, evalset: /e/a, n: 8}}, {{model: {b}, evalset: /e/b}}, {{model: {a}, evalset: /e/a}}]"
+    cfg = with_overrides(cfg, [f"eval.models={entries}"])
+    assert resolve_baseline(cfg, resolve_models(cfg)) == []  # no eval.baseline, no baseline rows
+    cfg = with_overrides(cfg, [f"eval.baseline={base}"])
+    baseline = resolve_baseline(cfg, resolve_models(cfg))
+    assert [(s.label, s.evalset, s.sketch_set, s.n, s.baseline) for s in baseline] == [
+        ("base", "/e/a", "a", 8, True), ("base", "/e/b", "b", cfg.eval.n_samples, True)]
+    with pytest.raises(BenchmarkError, match="eval.baseline: name one model"):
+        resolve_baseline(with_overrides(cfg, ["eval.baseline=champions"]), resolve_models(cfg))

@@ -20,7 +20,7 @@ from pipeline import layout
 from pipeline.config import Config
 from pipeline.eval.features import FeatureExtractor, build_extractor
 from pipeline.eval.fid import frechet_distance, kernel_distance
-from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_models
+from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_baseline, resolve_models
 from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
 from pipeline.eval.report import publish
 from pipeline.eval.resize import PROTOCOL
@@ -143,7 +143,8 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
         fid, kid = score(feats, refs[spec.evalset], cfg)
         rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
                      "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid,
-                     "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset})
+                     "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset,
+                     "baseline": spec.baseline})
         log.debug("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
                   f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
         bar.update_to(len(rows), spec.label)
@@ -192,7 +193,7 @@ def log_to_mlflow(cfg: Config, rows: list[dict[str, Any]], files: dict[str, byte
 
 
 def record_version_fids(cfg: Config, specs: list[ModelSpec], rows: list[dict[str, Any]]) -> None:
-    registered = [(s, r) for s, r in zip(specs, rows) if s.registry_name and s.version]
+    registered = [(s, r) for s, r in zip(specs, rows) if s.registry_name and s.version and not s.baseline]
     if not registered:
         return
     from pipeline.registry import mlflow_registry
@@ -201,10 +202,20 @@ def record_version_fids(cfg: Config, specs: list[ModelSpec], rows: list[dict[str
         mlflow_registry.set_version_fid(spec.registry_name, spec.version, row["fid"], cfg)
 
 
+def add_baseline_fids(rows: list[dict[str, Any]]) -> None:
+    """Give every row that is not the baseline ``fid_base``: the baseline's FID on the row's evaluation set."""
+    base = {r["evalset"]: r["fid"] for r in rows if r.get("baseline")}
+    if base:
+        for r in rows:
+            if not r.get("baseline"):
+                r["fid_base"] = base.get(r["evalset"])
+
+
 # --------------------------------------------------------------------------------------------------- entry
 def benchmark(cfg: Config) -> list[dict[str, Any]]:
     """Run the configured benchmark end to end; returns the result rows."""
     specs = resolve_models(cfg)
+    specs += resolve_baseline(cfg, specs)
     for uri in dict.fromkeys(s.evalset for s in specs):
         evalset_id(uri)  # a missing or incomplete evaluation set fails before any sampling starts
     import torch
@@ -215,6 +226,7 @@ def benchmark(cfg: Config) -> list[dict[str, Any]]:
     bad = [r["model"] for r in rows if not math.isfinite(r["fid"])]
     if bad:
         raise BenchmarkError(f"FID is not finite for model(s) {', '.join(bad)}")
+    add_baseline_fids(rows)
     files = publish(cfg, rows)
     if cfg.eval.log_mlflow:
         try:

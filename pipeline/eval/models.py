@@ -32,6 +32,7 @@ class ModelSpec:
     sketch_set: str
     n: int
     registry_name: str | None = None  # set when the FID should be recorded on a registered version
+    baseline: bool = False  # the `eval.baseline` model, scored on one of the evaluation sets
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,23 +165,44 @@ def _from_registry(entry: dict[str, Any], resolved, cfg: Config) -> ModelSpec:
     return _spec(entry, resolved.name, str(resolved.version), source, meta, cfg, registry_name=resolved.name)
 
 
+def _resolve_entry(entry: dict[str, Any], cfg: Config) -> list[ModelSpec]:
+    ref = entry["model"].strip()
+    if ref == "champions" or ref.startswith("models:/"):
+        from pipeline.registry import mlflow_registry
+
+        if ref == "champions":
+            resolved = list(mlflow_registry.list_champions(cfg))
+            if not resolved:
+                raise BenchmarkError(f"{entry['_where']}: `champions` matched no registered model")
+        else:
+            resolved = [mlflow_registry.resolve_model(ref, cfg)]
+        return [_from_registry(entry, r, cfg) for r in resolved]
+    return [_from_uri(entry, cfg)]
+
+
+def resolve_baseline(cfg: Config, specs: list[ModelSpec]) -> list[ModelSpec]:
+    """``eval.baseline`` once per evaluation set of ``specs`` (with that set's sketch set and sample count)."""
+    ref = cfg.eval.baseline
+    if not ref:
+        return []
+    if ref.strip() == "champions":
+        raise BenchmarkError("eval.baseline: name one model (a run, a checkpoint or models:/...), not `champions`")
+    out = []
+    for evalset in dict.fromkeys(s.evalset for s in specs):
+        first = next(s for s in specs if s.evalset == evalset)
+        entry = {"model": ref, "evalset": evalset, "category": first.category, "sketch_set": first.sketch_set,
+                 "n": first.n, "_where": "eval.baseline"}
+        for spec in _resolve_entry(entry, cfg):
+            spec.baseline = True
+            out.append(spec)
+    return out
+
+
 def resolve_models(cfg: Config) -> list[ModelSpec]:
     """Every configured model resolved, each with an evaluation set; raises naming the ones without."""
     specs: list[ModelSpec] = []
     for entry in _entries(cfg):
-        ref = entry["model"].strip()
-        if ref == "champions" or ref.startswith("models:/"):
-            from pipeline.registry import mlflow_registry
-
-            if ref == "champions":
-                resolved = list(mlflow_registry.list_champions(cfg))
-                if not resolved:
-                    raise BenchmarkError(f"{entry['_where']}: `champions` matched no registered model")
-            else:
-                resolved = [mlflow_registry.resolve_model(ref, cfg)]
-            specs.extend(_from_registry(entry, r, cfg) for r in resolved)
-        else:
-            specs.append(_from_uri(entry, cfg))
+        specs.extend(_resolve_entry(entry, cfg))
     missing = [s for s in specs if not s.evalset]
     if missing:
         names = ", ".join(f"{s.label}" + (f" v{s.version}" if s.version else "") for s in missing)

@@ -1,13 +1,13 @@
-"""The benchmark's outputs: its results table as Parquet, CSV and Markdown, and a bar chart of FID per model."""
+"""The benchmark's outputs: its results table as Parquet, CSV, Markdown and JSON, and a bar chart of FID per model,
+grouped by evaluation set with the baseline (the base model) beside the models customised for that set."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from typing import Any
-
-import numpy as np
 
 from pipeline import layout, storage
 from pipeline.config import Config
@@ -15,15 +15,24 @@ from pipeline.config import Config
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
+OPTIONAL = ["fid_base", "baseline"]  # present when the benchmark has a baseline (eval.baseline)
 HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",
-           "n": "N", "fid": "FID", "kid": "KID", "seconds": "seconds", "evalset": "evaluation set"}
+           "n": "N", "fid": "FID", "kid": "KID", "seconds": "seconds", "evalset": "evaluation set",
+           "fid_base": "FID of the base", "baseline": "baseline"}
+NUMERIC = ("n", "fid", "kid", "seconds", "fid_base")
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return COLUMNS + [c for c in OPTIONAL if any(c in r for r in rows)]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if c != "evalset"]
+    cols = [c for c in _columns(rows) if c not in ("evalset", "baseline")]
 
     def fmt(col, value):
-        if col == "fid":
+        if value is None:
+            return ""
+        if col in ("fid", "fid_base"):
             return f"{value:.4f}"
         if col == "kid":
             return f"{value:.6f}"
@@ -32,17 +41,23 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         return str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
-             "|" + "|".join("---:" if c in ("n", "fid", "kid", "seconds") else "---" for c in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in rows]
+             "|" + "|".join("---:" if c in NUMERIC else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    """The rows as a JSON list (every column, ``fid_base`` null where no baseline was scored)."""
+    keys = COLUMNS + OPTIONAL
+    return json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=1) + "\n"
 
 
 def to_parquet(rows: list[dict[str, Any]]) -> bytes:
@@ -51,35 +66,50 @@ def to_parquet(rows: list[dict[str, Any]]) -> bytes:
 
     schema = pa.schema([("model", pa.string()), ("version", pa.string()), ("category", pa.string()),
                         ("sketch_set", pa.string()), ("n", pa.int64()), ("fid", pa.float64()),
-                        ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string())])
+                        ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string()),
+                        ("fid_base", pa.float64()), ("baseline", pa.bool_())])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
     return buf.getvalue()
 
 
 def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
-    """A PNG bar chart: one bar per model, grouped and coloured by category."""
+    """A PNG bar chart of FID: one group of bars per evaluation set (its FIDs are comparable with each other,
+    not with another set's), the baseline first in grey, then the models scored on that set."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.patches import Patch
 
-    ordered = sorted(rows, key=lambda r: (r["category"], r["fid"]))
-    categories = list(dict.fromkeys(r["category"] or "-" for r in ordered))
+    groups = list(dict.fromkeys(r["evalset"] for r in rows))
     palette = matplotlib.colormaps["tab10"]
-    colour = {c: palette(i % 10) for i, c in enumerate(categories)}
-    fig = Figure(figsize=(max(4.0, 0.9 * len(ordered) + 2), 4.0), dpi=100)
+    xs, heights, colours, labels, spans = [], [], [], [], []
+    x = 0.0
+    for g, evalset in enumerate(groups):
+        members = sorted((r for r in rows if r["evalset"] == evalset),
+                         key=lambda r: (not r.get("baseline"), r["fid"]))
+        start = x
+        for r in members:
+            xs.append(x)
+            heights.append(r["fid"])
+            colours.append("0.6" if r.get("baseline") else palette(g % 10))
+            labels.append(r["model"] + (f" v{r['version']}" if r["version"] else ""))
+            x += 1
+        spans.append((start, x - 1, members[0]["sketch_set"] or evalset.rstrip("/").rsplit("/", 1)[-1]))
+        x += 0.6  # a gap between evaluation sets
+    fig = Figure(figsize=(max(4.0, 0.9 * len(xs) + 2), 4.4), dpi=100)
     ax = fig.add_subplot()
-    xs = np.arange(len(ordered))
-    bars = ax.bar(xs, [r["fid"] for r in ordered], color=[colour[r["category"] or "-"] for r in ordered])
-    for bar, r in zip(bars, ordered):
-        ax.annotate(f"{r['fid']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    bars = ax.bar(xs, heights, color=colours)
+    for bar, h in zip(bars, heights):
+        ax.annotate(f"{h:.2f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+    for lo, hi, name in spans:
+        ax.annotate(f"evaluation set: {name}", ((lo + hi) / 2, 1.0), xycoords=("data", "axes fraction"),
                     ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(xs, [r["model"] + (f" v{r['version']}" if r["version"] else "") for r in ordered],
-                  rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title)
-    handles = [Patch(color=colour[c], label=c) for c in categories]
-    ax.legend(handles=handles, title="category", fontsize=8)
+    ax.set_title(title, pad=16)
+    if any(r.get("baseline") for r in rows):
+        ax.legend(handles=[Patch(color="0.6", label="base"), Patch(color=palette(0), label="customised")],
+                  fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -87,11 +117,11 @@ def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
 
 
 def publish(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Publish the results table (Parquet, CSV, Markdown) and the FID chart as the benchmark's folder, whole;
+    """Publish the results table (Parquet, CSV, Markdown, JSON) and the FID chart as the benchmark's folder, whole;
     returns the files by name."""
     out = layout.benchmark_uri(cfg, cfg.eval.name)
     contents = {"parquet": to_parquet(rows), "csv": to_csv(rows).encode(), "markdown": to_markdown(rows).encode(),
-                "chart": fid_chart(rows, f"FID per category: {cfg.eval.name}")}
+                "json": to_json(rows).encode(), "chart": fid_chart(rows, f"FID per evaluation set: {cfg.eval.name}")}
     files = {layout.BENCHMARK_FILES[kind]: data for kind, data in contents.items()}
     with storage.staged_publish(out) as staging:
         for name, data in files.items():
