@@ -108,8 +108,7 @@ def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, pad=16)
     if any(r.get("baseline") for r in rows):
-        ax.legend(handles=[Patch(color="0.6", label="base"), Patch(color=palette(0), label="customised")],
-                  fontsize=8)
+        ax.legend(handles=[Patch(color="0.6", label="base (baseline)")], fontsize=8, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
