@@ -226,3 +226,11 @@ def test_lambda_image_zero_drops_the_image_discriminator():
     assert step.D_image is None
     logs = step.step(1, None, batch()[1])
     assert "loss_d_image" not in logs
+
+
+def test_objective_config_of_a_config_section_with_extra_settings():
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["train.lambda_image=0.3", "train.precision=fp32"])
+    oc = ObjectiveConfig.of(cfg.train, precision="bf16", ema_beta=0.5)
+    assert (oc.lambda_image, oc.precision, oc.ema_beta, oc.lr, oc.trained) == (0.3, "bf16", 0.5, 0.002, "mapping")

@@ -24,8 +24,8 @@ class ObjectiveConfig(ObjectiveSettings):
 
     @classmethod
     def of(cls, settings: ObjectiveSettings, **extra) -> ObjectiveConfig:
-        """The step's settings from a config section holding the objective's (``train``, or a pretrain copy)."""
-        return cls(**settings.model_dump(include=set(ObjectiveSettings.model_fields)), **extra)
+        """The step's settings from a config section holding the objective's (``train``), ``extra`` on top."""
+        return cls(**{**settings.model_dump(include=set(ObjectiveSettings.model_fields)), **extra})
 
 
 def adam(params, lr: float, betas: tuple[float, float], reg_every: int | None = None,
