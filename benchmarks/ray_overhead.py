@@ -68,7 +68,7 @@ def make_world(root: Path, cpus: int, args) -> object:
 
 def interval_rates(run_uri: str) -> list[float]:
     """Each logged interval's iterations/s; prints the median input wait and cores used after warm-up."""
-    from pipeline.train.run_store import read_metrics
+    from pipeline.layout import read_metrics
 
     rows = read_metrics(run_uri)
     waits = [r.get("data_wait_frac", 0.0) for r in rows[1:]] or [0.0]

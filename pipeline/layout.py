@@ -22,6 +22,7 @@ run); writers publish the marker last (`storage.staged_publish`), readers refuse
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,3 +326,17 @@ def read_run_info(uri: str) -> dict[str, Any] | None:
     """What a run recorded when it started (``run.json``), or None."""
     info = run_info_uri(uri)
     return storage.read_json(info) if storage.exists(info) else None
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The run's logged metric rows (empty when it has logged nothing yet)."""
+    uri = metrics_uri(run_uri)
+    rows = []
+    if storage.exists(uri):
+        for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{uri} line {n}: not valid JSON ({exc})") from None
+    return rows

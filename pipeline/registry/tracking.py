@@ -154,8 +154,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 # -- reading a run from storage ----------------------------------------------------------------------------
 def read_run(run_uri: str) -> dict[str, Any]:
     """What storage holds for a run: metadata (None until finished), run info, metrics rows, sample URIs."""
-    from pipeline.train.run_store import read_metrics
-
     finished = layout.finished_run(run_uri)
     info = layout.read_run_info(run_uri)
     if finished is None and info is None:
@@ -163,7 +161,7 @@ def read_run(run_uri: str) -> dict[str, Any]:
                                 f"{layout.RUN_INFO} exists)")
     samples = storage.list_files(layout.samples_uri(run_uri), suffix=".png")
     return {"metadata": finished.metadata if finished else None, "info": info or {},
-            "metrics": read_metrics(run_uri), "samples": samples}
+            "metrics": layout.read_metrics(run_uri), "samples": samples}
 
 
 def fingerprint(run: dict[str, Any]) -> str:

@@ -120,7 +120,7 @@ def follow(plans: list[RunPlan]) -> Iterator[None]:
 
     def poll() -> None:
         for p in plans:
-            rows = run_store.read_metrics(p.spec.run_uri)
+            rows = layout.read_metrics(p.spec.run_uri)
             if rows:
                 last = rows[-1]
                 loss = last.get("loss_sketch", last.get("loss_g"))

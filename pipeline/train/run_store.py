@@ -39,20 +39,6 @@ def write_metrics(run_uri: str, history: list[dict]) -> None:
     storage.write_text(layout.metrics_uri(run_uri), "".join(json.dumps(m) + "\n" for m in history))
 
 
-def read_metrics(run_uri: str) -> list[dict]:
-    """The run's logged metric rows (empty when it has logged nothing yet)."""
-    uri = layout.metrics_uri(run_uri)
-    rows = []
-    if storage.exists(uri):
-        for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{uri} line {n}: not valid JSON ({exc})") from None
-    return rows
-
-
 def write_samples(run_uri: str, G: torch.nn.Module, z: torch.Tensor, iteration: int, device) -> str:
     """A 4×4 grid of G's images for fixed latents and fixed noise, as the run's sample for ``iteration``."""
     uri = layout.sample_uri(run_uri, iteration)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import layout
 from pipeline.models import factory
 from pipeline.models.checkpoints import load_into, load_state_dict
 from pipeline.models.sketchers import build_sketcher
@@ -65,8 +66,6 @@ def final_generator(step: TrainingStep) -> torch.nn.Module:
 
 def published_discriminators(step: TrainingStep) -> dict[str, torch.nn.Module]:
     """The discriminators a run publishes beside G, by file name."""
-    from pipeline import layout
-
     if isinstance(step, StyleGAN2Step):
         return {layout.D_FILE: step.D}
     out = {layout.D_SKETCH_FILE: step.D_sketch}
