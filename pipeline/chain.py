@@ -139,8 +139,17 @@ def benchmark_stage(cfg: Config, report: ChainReport) -> str:
         cfg = updated(cfg, {"eval.models": models, "eval.baseline": cfg.eval.baseline or base})
     rows = run_benchmark(cfg)
     report.benchmark_uri = layout.benchmark_uri(cfg, cfg.eval.name)
-    return "; ".join(f"{r['model']} FID {r['fid']:.2f}" + (f" (base {r['fid_base']:.2f})" if r.get("fid_base") else "")
-                     for r in rows if not r.get("baseline"))
+    base_share = {r["evalset"]: r.get("target_share") for r in rows if r.get("baseline")}
+
+    def summary(r: dict[str, Any]) -> str:
+        text = f"{r['model']} v{r['version']}" if r["version"] else r["model"]
+        text += f" FID {r['fid']:.2f}" + (f" (base {r['fid_base']:.2f})" if r.get("fid_base") else "")
+        if r.get("target_share") is not None:
+            before = base_share.get(r["evalset"])
+            text += f", target share {r['target_share']:.2f}" + (f" (base {before:.2f})" if before is not None else "")
+        return text
+
+    return "; ".join(summary(r) for r in rows if not r.get("baseline"))
 
 
 def run_chain(cfg: Config, evalset_size: int = 64) -> ChainReport:
@@ -180,6 +189,9 @@ def print_where_to_look(cfg: Config, report: ChainReport) -> None:
     if report.benchmark_uri:
         print(f"  benchmark table:  {layout.benchmark_file(report.benchmark_uri, 'markdown')}")
         print(f"  FID chart:        {layout.benchmark_file(report.benchmark_uri, 'chart')}")
+        compare = layout.benchmark_file(report.benchmark_uri, "compare")
+        if storage.exists(compare):
+            print(f"  before and after: {compare}")
     try:
         from pipeline.redact import scrub_text
         from pipeline.registry.tracking import tracking_uri

@@ -53,6 +53,9 @@ class SketchSetSpec(Section):
     from_dir: Location | None = None  # folder/prefix of drawings to create it from when missing
     from_ids: Location | None = None  # file of dataset ids to create it from when missing
     evalset: Location | None = None  # evaluation set (Parquet of real images) for FID
+    # the class its sketches show, as eval.classifier names it: the benchmark reports the share of samples of
+    # that class (target_share) for the models customised from this set and for the base
+    target_class: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -134,6 +137,11 @@ class ObjectiveSettings(GANSettings):
 
     lambda_image: float = Field(0.7, ge=0)
     lambda_weight: float = Field(0.0, ge=0)
+    # per-network learning rates; None = lr, as in the paper (one rate for all networks). The mapping network's
+    # weights carry StyleGAN2's 0.01 multiplier (model.lr_mlp): lr_mapping = lr / lr_mlp makes them move as fast
+    # as the synthesis network's.
+    lr_mapping: float | None = Field(None, gt=0)
+    lr_d: float | None = Field(None, gt=0)
     gan_loss: Literal["softplus", "hinge", "lsgan"] = "softplus"
     trained: Literal["mapping", "w_shift", "all"] = "mapping"
     beta1: float = Field(0.0, ge=0, lt=1)
@@ -258,9 +266,12 @@ class EvalConfig(Section):
     baseline: str | None = None
     n_samples: int = Field(1000, ge=2)
     batch_size: int = Field(50, ge=1)
-    # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests) or
-    # "package.module:factory" returning an nn.Module / FeatureExtractor.
+    # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests), "classifier"
+    # (eval.classifier's penultimate features) or "package.module:factory" returning an nn.Module / FeatureExtractor.
     feature_extractor: str = "inception"
+    # a classifier of the category's images (`pipeline.eval.shape_classifier` format): each row whose sketch set
+    # has a target_class gains target_share, the share of its samples classified as that class
+    classifier: Location | None = None
     inception_weights: Location | None = None  # path or URI of inception-2015-12-05.pt; default clean-fid's cache
     inception_download: bool = True  # try clean-fid's download URL (short timeout) when not cached
     kid_subsets: int = Field(100, ge=1)

@@ -1,6 +1,8 @@
-"""`sketchgan demo`: the whole pipeline on generated data, on this machine (local Ray, ./.sketchgan/,
-a local MLflow store, the `edges` sketcher, a small base pretrained on the fly). A second run reuses
-everything that already exists and says so.
+"""`sketchgan demo`: the whole pipeline on generated data, on this machine (local Ray, ./.sketchgan/, a local
+MLflow store, the `edges` sketcher), customising the committed toy base (`benchmarks/assets/shapes_base`, a
+32 px StyleGAN2 pretrained on the generated "shapes" category) from two sketch sets at once, and scoring each
+model with the committed shape classifier (its features for FID, its verdict for the share of the target shape).
+A second run reuses everything that already exists and says so.
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ from pathlib import Path
 from pipeline import layout, storage
 from pipeline.config import Config, updated
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-N_IMAGES = 600  # generated images (three shapes, equal shares)
-SKETCHES_PER_SET = 12
-SHAPE_OF_SET = {"triangles": "triangle", "circles": "circle", "squares": "square"}
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+ASSETS = REPO / "benchmarks" / "assets"
+BASE_DIR = ASSETS / "shapes_base"  # `sketchgan pretrain` with configs/shapes.yaml (benchmarks/README.md)
+CLASSIFIER = ASSETS / "shape_classifier" / "classifier.pt"  # made by benchmarks/shape_customisation.py
+N_IMAGES = 3000  # generated images (three shapes in equal shares), the base's kind: flat or gradient backgrounds
+BACKGROUNDS = ("flat", "gradient")
+SEED = 0
+SKETCHES_PER_SET = 30
+EVALSET_SIZE = 300  # real images per evaluation set (those nearest the set's sketches)
 
 
 def write_demo_data(cfg: Config) -> str:
@@ -26,14 +34,34 @@ def write_demo_data(cfg: Config) -> str:
     ids_dir = Path(storage.join(root, "sketch-ids"))
     if storage.exists(storage.join(lmdb_dir, "data.mdb")) and ids_dir.exists():
         print(f"demo: reusing generated data in {root}", flush=True)
-    else:
-        print(f"demo: generating {N_IMAGES} LSUN-format images in {lmdb_dir}", flush=True)
-        labels = synthetic.write_shapes_lmdb(lmdb_dir, n=N_IMAGES, size=64, seed=0)
-        ids_dir.mkdir(parents=True, exist_ok=True)
-        for set_name, shape in SHAPE_OF_SET.items():
-            ids = [key for key, label in labels.items() if label == shape][:SKETCHES_PER_SET]
-            (ids_dir / f"{set_name}.txt").write_text("\n".join(ids) + "\n")
+        return lmdb_dir
+    print(f"demo: generating {N_IMAGES} LSUN-format images in {lmdb_dir}", flush=True)
+    labels = synthetic.write_shapes_lmdb(lmdb_dir, n=N_IMAGES, size=cfg.data.size, seed=SEED,
+                                         backgrounds=BACKGROUNDS)
+    ids_dir.mkdir(parents=True, exist_ok=True)
+    for spec in cfg.train.sketch_sets:
+        if spec.target_class not in synthetic.SHAPES:
+            raise ValueError(f"demo: sketch set {spec.name!r} needs a target_class among {', '.join(synthetic.SHAPES)}")
+        ids = sorted(key for key, label in labels.items() if label == spec.target_class)[:SKETCHES_PER_SET]
+        (ids_dir / f"{spec.name}.txt").write_text("\n".join(ids) + "\n")
     return lmdb_dir
+
+
+def committed_assets(cfg: Config) -> dict[str, str]:
+    """The committed base and classifier, unless the config names others (a clear error when missing)."""
+    changes = {}
+    if not cfg.model.base_g:
+        missing = [p for p in (BASE_DIR / layout.G_FILE, BASE_DIR / layout.D_FILE) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"demo: the committed base is missing ({', '.join(map(str, missing))}): run the "
+                                    "demo from a clone of the repository, or set model.base_g and model.base_d")
+        changes |= {"model.base_g": str(BASE_DIR / layout.G_FILE), "model.base_d": str(BASE_DIR / layout.D_FILE)}
+    if cfg.eval.feature_extractor == "classifier" and not cfg.eval.classifier:
+        if not CLASSIFIER.is_file():
+            raise FileNotFoundError(f"demo: the committed shape classifier {CLASSIFIER} is missing: set "
+                                    "eval.classifier, or eval.feature_extractor to another extractor")
+        changes["eval.classifier"] = str(CLASSIFIER)
+    return changes
 
 
 def run_demo(cfg: Config) -> None:
@@ -43,11 +71,12 @@ def run_demo(cfg: Config) -> None:
     if storage.is_s3(cfg.storage.root):
         raise ValueError("the demo runs on local storage: set storage.root to a local folder")
     t0 = time.time()
+    cfg = updated(cfg, committed_assets(cfg))
     lmdb_dir = write_demo_data(cfg)
     ids_dir = storage.join(layout.synthetic_uri(cfg), "sketch-ids")
     specs = [{**s.model_dump(), "from_ids": s.from_ids or storage.join(ids_dir, f"{s.name}.txt")}
              for s in cfg.train.sketch_sets]
     cfg = updated(cfg, {"data.source": lmdb_dir, "train.sketch_sets": specs})
-    report = run_chain(cfg)
+    report = run_chain(cfg, evalset_size=EVALSET_SIZE)
     print_where_to_look(cfg, report)
     print(f"\ndemo finished in {time.time() - t0:.0f}s")

@@ -39,7 +39,7 @@ RUN_INFO, METRICS, SAMPLES, CHECKPOINTS, FINAL = "run.json", "metrics.jsonl", "s
 FINAL_METADATA = "metadata.json"
 G_FILE, D_FILE, D_SKETCH_FILE, D_IMAGE_FILE = "G.pth", "D.pth", "D_sketch.pth", "D_image.pth"
 BENCHMARK_FILES = {"parquet": "results.parquet", "csv": "results.csv", "markdown": "results.md",
-                   "json": "results.json", "chart": "fid.png"}
+                   "json": "results.json", "chart": "fid.png", "compare": "compare.png"}
 
 
 class ArtifactError(ValueError):

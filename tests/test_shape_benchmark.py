@@ -91,3 +91,33 @@ def test_benchmark_config_is_valid():
     cfg = load_config("configs/shapes.yaml")
     assert cfg.model.size == 32 and cfg.data.size == 32 and cfg.data.sketcher == "edges"
     assert cfg.train.lambda_image == 0.7 and cfg.train.augment == "translation"
+
+
+def test_committed_classifier_tells_shapes_apart():
+    # the classifier the demo and the benchmark score with (benchmarks/assets/shape_classifier), on shapes it
+    # never saw (its training and held-out seeds are 101 and 102)
+    from pipeline.demo import CLASSIFIER
+
+    classifier = load_classifier(str(CLASSIFIER))
+    images, labels = generate_shape_images(600, 32, seed=909, backgrounds=BENCH_BACKGROUNDS)
+    assert classifier.classes == SHAPES
+    assert accuracy(classifier, images, labels) >= 0.97
+
+
+def test_demo_customises_the_committed_base_with_its_architecture():
+    import json
+
+    from pipeline.demo import BASE_DIR, CLASSIFIER, DEMO_CONFIG, committed_assets
+    from pipeline.models import factory
+
+    demo, shapes = load_config(DEMO_CONFIG), load_config("configs/shapes.yaml")
+    assert demo.model == shapes.model  # the base's architecture, as pretrained
+    arch = json.loads((BASE_DIR / "metadata.json").read_text())["arch"]
+    assert factory.generator_kwargs(demo.model) == arch
+    assert not demo.model.base_g and demo.eval.feature_extractor == "classifier"
+    assert committed_assets(demo) == {"model.base_g": str(BASE_DIR / "G.pth"), "model.base_d": str(BASE_DIR / "D.pth"),
+                                      "eval.classifier": str(CLASSIFIER)}
+    assert [s.target_class for s in demo.train.sketch_sets] == ["triangle", "square"]
+    # a config naming its own base and classifier keeps them
+    own = load_config(DEMO_CONFIG, ["model.base_g=/x/G.pth", "model.base_d=/x/D.pth", "eval.classifier=/x/c.pt"])
+    assert committed_assets(own) == {}

@@ -3,8 +3,9 @@
 Each model generates ``n`` samples in a Ray actor (one GPU each when the cluster has GPUs), batched, and the
 actor turns them into features in memory (clean-fid's clean protocol, no PNG round trip). Reference
 statistics of each evaluation set come from the storage cache or are computed once and published. The
-results table and a bar chart (`pipeline.eval.report`) are published to ``<root>/benchmarks/<eval.name>/``; the
-run is logged to MLflow and each registered version gets its FID.
+results table, a bar chart and the before/after figure (`pipeline.eval.report`, `pipeline.eval.compare`) are
+published to ``<root>/benchmarks/<eval.name>/``; the run is logged to MLflow and each registered version gets
+its FID.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class SampleWorker:
         self.extractor = build_extractor(self.cfg.eval, self.device)
         # Ray does not pin actors to cores: resize on as many threads as the actor reserved CPUs.
         self.extractor.resize_threads = self.cfg.eval.resize_threads or max(1, threads)
+        self.classifier = None
+        if self.cfg.eval.classifier:
+            from pipeline.eval.shape_classifier import load_classifier
+
+            self.classifier = load_classifier(self.cfg.eval.classifier)
 
     def evalset_features(self, evalset_uri: str) -> np.ndarray:
         from pipeline.eval.fid import extract_features
@@ -63,7 +69,10 @@ class SampleWorker:
 
         return extract_features(load_evalset_images(evalset_uri), self.extractor, self.cfg.eval.batch_size)
 
-    def model_features(self, source: dict[str, Any], n: int) -> tuple[np.ndarray, float]:
+    def model_features(self, source: dict[str, Any], n: int,
+                       target_class: str | None = None) -> tuple[np.ndarray, float, float | None]:
+        """Features of ``n`` samples, the seconds it took, and the share of samples ``eval.classifier`` puts in
+        ``target_class`` (None without a classifier or a target)."""
         from pipeline.eval.fid import extract_features
         from pipeline.models.sampling import generate_batches
 
@@ -73,8 +82,23 @@ class SampleWorker:
         arch = source.get("arch") or {}
         batches = generate_batches(generator, n, ev.seed, ev.truncation, ev.batch_size, self.device,
                                    arch.get("style_dim"))
+        counted = {"target": 0, "all": 0}
+        if self.classifier is not None and target_class:
+            if target_class not in self.classifier.classes:
+                raise BenchmarkError(f"target class {target_class!r} is not one of eval.classifier's classes "
+                                     f"({', '.join(self.classifier.classes)})")
+            batches = self._classified(batches, self.classifier.classes.index(target_class), counted)
         feats = extract_features(batches, self.extractor, ev.batch_size)
-        return feats, time.perf_counter() - start
+        share = counted["target"] / counted["all"] if counted["all"] else None
+        return feats, time.perf_counter() - start, share
+
+    def _classified(self, batches, target: int, counted: dict[str, int]):
+        from pipeline.eval.shape_classifier import predict_proba
+
+        for batch in batches:
+            counted["target"] += int((predict_proba(self.classifier, batch).argmax(1) == target).sum())
+            counted["all"] += len(batch)
+            yield batch
 
 
 def _ray_workers(cfg: Config, n_models: int):
@@ -126,7 +150,8 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
     import ray
 
     # Samples first (actors work through their queues while reference statistics are looked up).
-    pending = [workers[i % len(workers)].model_features.remote(s.source, s.n) for i, s in enumerate(specs)]
+    pending = [workers[i % len(workers)].model_features.remote(s.source, s.n, s.target_class)
+               for i, s in enumerate(specs)]
     refs: dict[str, ReferenceStats] = {}
     for i, uri in enumerate(dict.fromkeys(s.evalset for s in specs)):
         worker = workers[i % len(workers)]
@@ -135,7 +160,7 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
     rows, bar = [], Progress("benchmark", len(specs), unit="model")
     for spec, future in zip(specs, pending):
         try:
-            feats, seconds = ray.get(future)
+            feats, seconds, share = ray.get(future)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             raise BenchmarkError(f"model {spec.label}: sampling failed: {cause}") from None
@@ -144,7 +169,7 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
         rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
                      "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid,
                      "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset,
-                     "baseline": spec.baseline})
+                     "baseline": spec.baseline, **({"target_share": share} if share is not None else {})})
         log.debug("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
                   f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
         bar.update_to(len(rows), spec.label)
@@ -227,7 +252,9 @@ def benchmark(cfg: Config) -> list[dict[str, Any]]:
     if bad:
         raise BenchmarkError(f"FID is not finite for model(s) {', '.join(bad)}")
     add_baseline_fids(rows)
-    files = publish(cfg, rows)
+    from pipeline.eval.compare import compare_figure
+
+    files = publish(cfg, rows, compare_figure(cfg, specs))
     if cfg.eval.log_mlflow:
         try:
             run_id = log_to_mlflow(cfg, rows, files, extractor)

@@ -243,6 +243,13 @@ def build_extractor(eval_cfg, device=None) -> FeatureExtractor:
                 f"eval.feature_extractor {spec!r}: expected randconv[:SEED[:DIM]] with integers"
             ) from None
         return RandConvExtractor(seed, dim, device, threads)
+    if spec == "classifier":
+        from pipeline.eval.shape_classifier import ShapeFeatureExtractor, load_classifier
+
+        if not eval_cfg.classifier:
+            raise FeatureExtractorError("eval.feature_extractor 'classifier' needs eval.classifier (the classifier's "
+                                        "path or URI)")
+        return ShapeFeatureExtractor(load_classifier(eval_cfg.classifier), device, threads)
     if ":" in spec:
         module_name, attr = spec.split(":", 1)
         try:
@@ -259,5 +266,5 @@ def build_extractor(eval_cfg, device=None) -> FeatureExtractor:
             "expected an nn.Module or a FeatureExtractor"
         )
     raise FeatureExtractorError(
-        f"eval.feature_extractor {spec!r}: unknown (use inception, randconv[:SEED[:DIM]] or module:factory)"
+        f"eval.feature_extractor {spec!r}: unknown (use inception, randconv[:SEED[:DIM]], classifier or module:factory)"
     )

@@ -2,8 +2,9 @@
 
 An entry is a mapping: ``model`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, the query
 ``champions``, a training run URI or a G checkpoint URI ending in .pth/.pt), plus optional ``evalset``
-(URI), ``category``, ``sketch_set`` and ``n`` (samples). The evaluation set defaults to the one recorded in
-the model's metadata, then to ``train.sketch_sets[].evalset`` for its sketch set.
+(URI), ``category``, ``sketch_set``, ``target_class`` and ``n`` (samples). The evaluation set defaults to the one
+recorded in the model's metadata, then to ``train.sketch_sets[].evalset`` for its sketch set; the target class
+to ``train.sketch_sets[].target_class``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from pipeline import layout, storage
 from pipeline.config import Config
 
-ENTRY_KEYS = {"model", "evalset", "category", "sketch_set", "n"}
+ENTRY_KEYS = {"model", "evalset", "category", "sketch_set", "target_class", "n"}
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
@@ -33,6 +34,8 @@ class ModelSpec:
     n: int
     registry_name: str | None = None  # set when the FID should be recorded on a registered version
     baseline: bool = False  # the `eval.baseline` model, scored on one of the evaluation sets
+    target_class: str | None = None  # the class its sketch set shows (eval.classifier's name for it)
+    sketches_uri: str | None = None  # its sketch set, when known (the comparison figure shows its sketches)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,7 +61,7 @@ def _entries(cfg: Config) -> list[dict[str, Any]]:
         n = entry.get("n", cfg.eval.n_samples)
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise BenchmarkError(f"{where}.n: expected an integer >= 2, got {n!r}")
-        for key in ("evalset", "category", "sketch_set"):
+        for key in ("evalset", "category", "sketch_set", "target_class"):
             if entry.get(key) is not None and not isinstance(entry[key], str):
                 raise BenchmarkError(f"{where}.{key}: expected a string, got {entry[key]!r}")
         out.append({**entry, "n": n, "_where": where})
@@ -92,6 +95,21 @@ def _arch_of(meta: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _sketch_set_spec(cfg: Config, name: str | None):
+    return next((s for s in cfg.train.sketch_sets if s.name == name), None) if name else None
+
+
+def _sketches_uri(meta: dict[str, Any], sketch_set: str | None, cfg: Config) -> str | None:
+    """The stored sketch set a model was customised from: its metadata's, else the configured or default one."""
+    recorded = meta.get("sketch_set")
+    if isinstance(recorded, dict) and isinstance(recorded.get("uri"), str) and recorded.get("name") == sketch_set:
+        return recorded["uri"]
+    spec = _sketch_set_spec(cfg, sketch_set)
+    if spec is not None:
+        return spec.uri or layout.sketchset_uri(cfg, spec.name)
+    return None
+
+
 def _evalset_for(entry: dict[str, Any], meta: dict[str, Any], sketch_set: str | None,
                  cfg: Config) -> str | None:
     if entry.get("evalset"):
@@ -102,10 +120,8 @@ def _evalset_for(entry: dict[str, Any], meta: dict[str, Any], sketch_set: str | 
             return value
         if isinstance(value, dict) and isinstance(value.get("uri"), str):
             return value["uri"]
-    for spec in cfg.train.sketch_sets:
-        if spec.name == sketch_set and spec.evalset:
-            return spec.evalset
-    return None
+    spec = _sketch_set_spec(cfg, sketch_set)
+    return spec.evalset if spec is not None else None
 
 
 def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
@@ -137,6 +153,7 @@ def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
 
 def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> ModelSpec:
     sketch_set = entry.get("sketch_set") or _sketch_set_of(meta)
+    set_spec = _sketch_set_spec(cfg, sketch_set)
     return ModelSpec(
         label=label,
         version=version,
@@ -147,6 +164,8 @@ def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> Model
         n=entry["n"],
         registry_name=registry_name,
         metadata=meta,
+        target_class=entry.get("target_class") or (set_spec.target_class if set_spec is not None else None),
+        sketches_uri=_sketches_uri(meta, sketch_set, cfg),
     )
 
 
@@ -191,9 +210,9 @@ def resolve_baseline(cfg: Config, specs: list[ModelSpec]) -> list[ModelSpec]:
     for evalset in dict.fromkeys(s.evalset for s in specs):
         first = next(s for s in specs if s.evalset == evalset)
         entry = {"model": ref, "evalset": evalset, "category": first.category, "sketch_set": first.sketch_set,
-                 "n": first.n, "_where": "eval.baseline"}
+                 "target_class": first.target_class, "n": first.n, "_where": "eval.baseline"}
         for spec in _resolve_entry(entry, cfg):
-            spec.baseline = True
+            spec.baseline, spec.sketches_uri = True, first.sketches_uri
             out.append(spec)
     return out
 

@@ -15,11 +15,12 @@ from pipeline.config import Config
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
-OPTIONAL = ["fid_base", "baseline"]  # present when the benchmark has a baseline (eval.baseline)
+# fid_base and baseline with a baseline (eval.baseline); target_share with a classifier (eval.classifier)
+OPTIONAL = ["fid_base", "target_share", "baseline"]
 HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",
-           "n": "N", "fid": "FID", "kid": "KID", "seconds": "seconds", "evalset": "evaluation set",
-           "fid_base": "FID of the base", "baseline": "baseline"}
-NUMERIC = ("n", "fid", "kid", "seconds", "fid_base")
+           "n": "N", "fid": "FID", "kid": "KID ×10³", "seconds": "seconds", "evalset": "evaluation set",
+           "fid_base": "FID of the base", "target_share": "target share", "baseline": "baseline"}
+NUMERIC = ("n", "fid", "kid", "seconds", "fid_base", "target_share")
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -34,8 +35,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             return ""
         if col in ("fid", "fid_base"):
             return f"{value:.4f}"
-        if col == "kid":
-            return f"{value:.6f}"
+        if col == "kid":  # reported x 1000, as papers do (the JSON, CSV and Parquet keep the raw value)
+            return f"{value * 1000:.3f}"
+        if col == "target_share":
+            return f"{value:.3f}"
         if col == "seconds":
             return f"{value:.1f}"
         return str(value).replace("|", "\\|")
@@ -55,7 +58,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:
-    """The rows as a JSON list (every column, ``fid_base`` null where no baseline was scored)."""
+    """The rows as a JSON list (every column; ``fid_base`` and ``target_share`` null where not measured)."""
     keys = COLUMNS + OPTIONAL
     return json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=1) + "\n"
 
@@ -67,7 +70,7 @@ def to_parquet(rows: list[dict[str, Any]]) -> bytes:
     schema = pa.schema([("model", pa.string()), ("version", pa.string()), ("category", pa.string()),
                         ("sketch_set", pa.string()), ("n", pa.int64()), ("fid", pa.float64()),
                         ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string()),
-                        ("fid_base", pa.float64()), ("baseline", pa.bool_())])
+                        ("fid_base", pa.float64()), ("target_share", pa.float64()), ("baseline", pa.bool_())])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
     return buf.getvalue()
@@ -115,12 +118,14 @@ def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def publish(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Publish the results table (Parquet, CSV, Markdown, JSON) and the FID chart as the benchmark's folder, whole;
-    returns the files by name."""
+def publish(cfg: Config, rows: list[dict[str, Any]], compare_png: bytes | None = None) -> dict[str, bytes]:
+    """Publish the results table (Parquet, CSV, Markdown, JSON), the FID chart and, when given, the comparison
+    figure as the benchmark's folder, whole; returns the files by name."""
     out = layout.benchmark_uri(cfg, cfg.eval.name)
     contents = {"parquet": to_parquet(rows), "csv": to_csv(rows).encode(), "markdown": to_markdown(rows).encode(),
                 "json": to_json(rows).encode(), "chart": fid_chart(rows, f"FID per evaluation set: {cfg.eval.name}")}
+    if compare_png is not None:
+        contents["compare"] = compare_png
     files = {layout.BENCHMARK_FILES[kind]: data for kind, data in contents.items()}
     with storage.staged_publish(out) as staging:
         for name, data in files.items():

@@ -149,6 +149,9 @@ def predict_proba(model: ShapeClassifier, images, batch_size: int = 256) -> np.n
     """Class probabilities N x K of uint8 images N x S x S x 3 (or float N x 3 x S x S in [0, 255])."""
     model.eval()
     x = to_float_batch(images)
+    if x.shape[-1] != model.input_size or x.shape[-2] != model.input_size:
+        x = F.interpolate(x, size=(model.input_size, model.input_size), mode="bilinear", antialias=True,
+                          align_corners=False)
     return np.concatenate([F.softmax(model(x[i:i + batch_size]), 1).numpy() for i in range(0, len(x), batch_size)])
 
 
@@ -197,12 +200,21 @@ def save_classifier(model: ShapeClassifier, path: str) -> None:
 
 
 def load_classifier(path: str) -> ShapeClassifier:
+    """A classifier saved by `save_classifier` (path or URI); a missing or unusable file is a
+    ``FeatureExtractorError`` naming it."""
     from pipeline import storage
+    from pipeline.eval.features import FeatureExtractorError
 
-    blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    model = ShapeClassifier(tuple(blob["classes"]), int(blob["input_size"]), int(blob["width"]),
-                            int(blob["feature_dim"]))
-    model.load_state_dict(blob["state_dict"])
+    if not storage.exists(path):
+        raise FeatureExtractorError(f"classifier {path}: no such file (save one with "
+                                    "pipeline.eval.shape_classifier.save_classifier)")
+    try:
+        blob = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        model = ShapeClassifier(tuple(blob["classes"]), int(blob["input_size"]), int(blob["width"]),
+                                int(blob["feature_dim"]))
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a usable classifier
+        raise FeatureExtractorError(f"classifier {path}: not a classifier saved by save_classifier ({exc})") from None
     return model.eval()
 
 

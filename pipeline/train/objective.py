@@ -41,8 +41,15 @@ class GANSketchingStep(StepBase):
         self.d_modules = [m for m in (self.D_sketch, self.D_image) if m is not None]
         self.d_params = [p for m in self.d_modules for p in m.parameters()]
         reg_every = cfg.r1_every if cfg.r1_gamma > 0 else None
-        self.opt_g = adam(self.g_params, cfg.lr, (cfg.beta1, cfg.beta2), device=self.device)
-        self.opt_d = adam(self.d_params, cfg.lr, (cfg.beta1, cfg.beta2), reg_every=reg_every, device=self.device)
+        g_groups = self.g_params
+        if cfg.lr_mapping is not None:  # a group of its own only then: checkpoints without it load as before
+            mapping = {n for n, _ in G.named_trainable("mapping")}
+            g_groups = [g for g in ({"params": [p for n, p in named if n not in mapping]},
+                                    {"params": [p for n, p in named if n in mapping], "lr": cfg.lr_mapping})
+                        if g["params"]]
+        self.opt_g = adam(g_groups, cfg.lr, (cfg.beta1, cfg.beta2), device=self.device)
+        lr_d = cfg.lr if cfg.lr_d is None else cfg.lr_d
+        self.opt_d = adam(self.d_params, lr_d, (cfg.beta1, cfg.beta2), reg_every=reg_every, device=self.device)
         # Optional, not part of GANSketching: a running average of G damps the step-to-step wander of a
         # high learning rate (what the run publishes when on).
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_beta else None

@@ -1,0 +1,111 @@
+"""The benchmark's comparison figure: for each sketch set, a row of its sketches, then the base and every model
+customised from it, each on the same latents (the benchmark's first samples), so a change of shape or content
+shows tile by tile."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from pipeline import layout
+from pipeline.config import Config
+from pipeline.eval.models import ModelSpec
+
+COUNT = 8  # tiles per row
+MIN_TILE = 96  # small models are upscaled (nearest neighbour) to at least this many pixels per tile
+MAX_TILE = 256
+LABEL_WIDTH = 200
+GAP = 4
+
+
+def tile_size(image_size: int) -> int:
+    """The tile edge for images of ``image_size`` px: an integer upscale to at least MIN_TILE, at most MAX_TILE."""
+    if image_size < MIN_TILE:
+        return image_size * math.ceil(MIN_TILE / image_size)
+    return min(image_size, MAX_TILE)
+
+
+def _samples(spec: ModelSpec, cfg: Config) -> np.ndarray:
+    import torch
+
+    from pipeline.eval.benchmark import load_source
+    from pipeline.models.sampling import generate_batches
+
+    device = torch.device("cpu")
+    generator = load_source(spec.source, device)
+    style_dim = (spec.source.get("arch") or {}).get("style_dim")
+    ev = cfg.eval
+    return np.concatenate(list(generate_batches(generator, COUNT, ev.seed, ev.truncation, COUNT, device, style_dim)))
+
+
+def _sketches(uri: str) -> np.ndarray:
+    from PIL import Image
+
+    stored = layout.read_sketch_set(uri)
+    arrays = []
+    for blob in stored.blobs[:COUNT]:
+        with Image.open(io.BytesIO(blob)) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    size = max(a.shape[0] for a in arrays)
+    return np.stack([np.asarray(Image.fromarray(a).resize((size, size))) if a.shape[0] != size else a
+                     for a in arrays])
+
+
+def _row(label: str, images: np.ndarray, tile: int):
+    from PIL import Image, ImageDraw, ImageFont
+
+    row = Image.new("RGB", (LABEL_WIDTH + COUNT * (tile + GAP), tile + GAP), "white")
+    draw = ImageDraw.Draw(row)
+    font = ImageFont.load_default(size=15)
+    words, lines = label.split(" "), [""]
+    for word in words:  # wrap the label to the label column
+        if lines[-1] and draw.textlength(f"{lines[-1]} {word}", font=font) > LABEL_WIDTH - 12:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    draw.multiline_text((6, tile // 2), "\n".join(lines), fill="black", font=font, anchor="lm")
+    for i, image in enumerate(images[:COUNT]):
+        im = Image.fromarray(image)
+        resample = Image.NEAREST if im.width < tile else Image.LANCZOS
+        row.paste(im.resize((tile, tile), resample), (LABEL_WIDTH + i * (tile + GAP), 0))
+    return row
+
+
+def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
+    """The figure as PNG bytes, or None when no customised model's sketch set is known."""
+    from PIL import Image
+
+    customised = [s for s in specs if not s.baseline and s.sketches_uri]
+    if not customised:
+        return None
+    base_of = {s.evalset: s for s in specs if s.baseline}
+    rows = []
+    for sketches_uri in dict.fromkeys(s.sketches_uri for s in customised):
+        members = [s for s in customised if s.sketches_uri == sketches_uri]
+        sketches = _sketches(sketches_uri)
+        pictures = [(f"sketches: {members[0].sketch_set or sketches_uri.rsplit('/', 1)[-1]}", sketches)]
+        base = base_of.get(members[0].evalset)
+        if base is not None:
+            pictures.append(("base, before", _samples(base, cfg)))
+        for spec in members:
+            version = f" v{spec.version}" if spec.version else ""
+            pictures.append((f"{spec.label}{version}, after", _samples(spec, cfg)))
+        tile = tile_size(max(p.shape[1] for _, p in pictures))
+        rows += [_row(label, images, tile) for label, images in pictures]
+        rows.append(None)  # a gap between sketch sets
+    rows = rows[:-1]
+    width = max(r.width for r in rows if r is not None)
+    height = sum(r.height if r is not None else 3 * GAP for r in rows)
+    figure = Image.new("RGB", (width, height), "white")
+    y = 0
+    for r in rows:
+        if r is None:
+            y += 3 * GAP
+            continue
+        figure.paste(r, (0, y))
+        y += r.height
+    buf = io.BytesIO()
+    figure.save(buf, format="PNG")
+    return buf.getvalue()
