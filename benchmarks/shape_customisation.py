@@ -1,6 +1,6 @@
-"""Shape customisation at toy scale: do a few sketches move a pretrained GAN's shape distribution?
+"""Shape customisation at toy scale: do a few sketches move a pretrained GAN's shape distribution, in minutes?
 
-    .venv/bin/python benchmarks/shape_customisation.py [--target circle|square|triangle] [--parallel N]
+    .venv/bin/python benchmarks/shape_customisation.py [--targets circle,square,triangle] [--seeds 0,1,2]
 
 The "shapes" category (`pipeline.data.synthetic`, configs/shapes.yaml): one object per 32 px image, circle,
 square or triangle in equal shares, random colours, sizes, positions and rotations, on flat or gradient
@@ -9,19 +9,21 @@ backgrounds. Steps (each prints a progress line; everything lives below the conf
 1. the preprocessed dataset (generated and run through `sketchgan preprocess` when missing);
 2. the base StyleGAN2 of ``benchmarks/assets/shapes_base`` (made with `sketchgan pretrain` when missing:
    see benchmarks/README.md for the command and how long it takes);
-3. a small shape classifier (`pipeline.eval.shape_classifier`) trained on freshly rendered real images and
-   checked on held-out ones; its penultimate features are the FID feature space;
-4. a sketch set of 30 `edges` sketches of real images of the target shape (`sketchgan sketchset create`);
-5. three customisations through `sketchgan train`: the GANSketching objective (translation augmentation,
-   λ_image 0.7), and the paper's ablations λ_image = 0 and no augmentation;
-6. for the base and every customised model, on the same seeds: the share of samples classified as the
-   target shape, FID (classifier features) against real images of the target shape and against real
-   images of all shapes. Sample grids go to ``<root>/benchmarks/shape-customisation/<target>/``.
+3. the shape classifier of ``benchmarks/assets/shape_classifier`` (`pipeline.eval.shape_classifier`; trained
+   on freshly rendered real images when missing), checked on held-out ones: below 95 % accuracy the benchmark
+   stops. Its penultimate features are the FID feature space;
+4. per target shape, a sketch set of 30 `edges` sketches of real images of that shape (`sketchgan sketchset
+   create`);
+5. per target, variant and seed, one customisation through `sketchgan train`, one at a time with the machine's
+   cores (``--cpus``), timed: the GANSketching objective (translation augmentation, λ_image 0.7), and on
+   request the paper's ablations λ_image = 0 and no augmentation;
+6. for the base and every customised model, on the same latents: the share of samples classified as the
+   target shape, FID (classifier features) against real images of the target shape and against real images of
+   all shapes. Sample grids go to ``<root>/benchmarks/shape-customisation/<target>/``.
 
-It prints ``fid_target_ratio: X`` (customised / base FID against the target shape) and, last,
-``target_fraction: X`` (customised). Ray is started here with ``--parallel`` logical CPUs (default: one per
-variant): the customisations train side by side, one thread each, and the OS shares the machine's cores
-between them (three variants on two cores keep both busy to the end).
+Headlines (GANSketching runs only): ``max_train_seconds`` (the longest `sketchgan train` call),
+``worst_target_fraction`` (lowest share of the target shape) and, last, ``worst_fid_target_ratio`` (highest
+customised / base FID against the target shape), over every target and seed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,8 @@ from pipeline.data.synthetic import SHAPES, generate_shape_images, read_labels, 
 
 CONFIG = REPO / "configs" / "shapes.yaml"
 BASE_DIR = REPO / "benchmarks" / "assets" / "shapes_base"
+CLASSIFIER = REPO / "benchmarks" / "assets" / "shape_classifier" / "classifier.pt"
+MIN_HELD_OUT_ACCURACY = 0.95
 BACKGROUNDS = ("flat", "gradient")  # the benchmark's background kinds (see README: why not all four)
 N_DATASET = 12_000  # real images the base is pretrained on and GANSketching's image discriminator sees
 DATASET_SEED = 0
@@ -132,22 +137,47 @@ def make_sketch_set(cfg: Config, cfg_path: Path, dataset: str, labels: dict[str,
     return name
 
 
-def customise(cfg: Config, cfg_path: Path, variant: str, sketch_set: str, base_g: str, base_d: str,
-              iterations: int | None, extra: list[str]) -> str:
+def customise(cfg: Config, cfg_path: Path, variant: str, sketch_set: str, base_g: str, base_d: str, seed: int,
+              cpus: int, iterations: int | None, extra: list[str]) -> str:
     """One GANSketching run through `sketchgan train`; an earlier run of the same name is replaced."""
-    prefix = f"bench-{variant.replace('_', '-')}"
+    prefix = f"bench-{variant.replace('_', '-')}-s{seed}"
     run = f"{prefix}-{sketch_set}"
     run_uri = layout.run_uri(cfg, run)
     if storage.exists(run_uri):
         shutil.rmtree(run_uri)  # measure (and report) a fresh run every time
     overrides = [f"model.base_g={base_g}", f"model.base_d={base_d}", f"train.run_prefix={prefix}",
-                 f"train.sketch_sets=[{{name: {sketch_set}}}]", "train.cpus_per_worker=1",
-                 *([f"train.iterations={iterations}"] if iterations else []), *extra, *VARIANTS[variant]]
+                 f"train.sketch_sets=[{{name: {sketch_set}}}]", f"train.cpus_per_worker={cpus}",
+                 f"train.seed={seed}", *([f"train.iterations={iterations}"] if iterations else []), *extra,
+                 *VARIANTS[variant]]
     args = ["train", *common_args(cfg_path, cfg.storage.root)]
     for o in overrides:
         args += ["--set", o]
     cli(args)
     return layout.final_uri(run_uri, layout.G_FILE)
+
+
+def ensure_classifier(path: Path, epochs: int):
+    """The committed shape classifier (trained and saved when missing), checked on held-out images."""
+    from pipeline.eval.shape_classifier import accuracy, load_classifier, save_classifier, train_classifier
+
+    if path.is_file():
+        classifier = load_classifier(str(path))
+        say(f"shape classifier: {path}")
+    else:
+        say(f"no classifier at {path}: training one on {CLS_TRAIN} rendered images")
+        x_tr, y_tr = generate_shape_images(CLS_TRAIN, 32, CLS_TRAIN_SEED, SHAPES, BACKGROUNDS)
+        trained = train_classifier(x_tr, y_tr, SHAPES, epochs=epochs, progress=True)
+        classifier = trained.classifier
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_classifier(classifier, str(path))
+        say(f"trained in {trained.seconds:.0f}s -> {path}")
+    x_te, y_te = generate_shape_images(CLS_TEST, 32, CLS_TEST_SEED, SHAPES, BACKGROUNDS)
+    held_out = accuracy(classifier, x_te, y_te)
+    say(f"shape classifier: held-out accuracy {held_out:.4f} on {CLS_TEST} rendered images")
+    if held_out < MIN_HELD_OUT_ACCURACY:
+        raise SystemExit(f"the shape classifier's held-out accuracy {held_out:.4f} is below "
+                         f"{MIN_HELD_OUT_ACCURACY}: the shares would not be trustworthy")
+    return classifier, held_out
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -189,131 +219,142 @@ def evaluate(name: str, images: np.ndarray, classifier, extractor, ref_target, r
             "fid_target": fid_from_features(feats, ref_target), "fid_all": fid_from_features(feats, ref_all)}
 
 
+@dataclass
+class Job:
+    target: str
+    variant: str
+    seed: int
+    g_path: str = ""
+    seconds: float = 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target", default="circle", choices=SHAPES, help="the shape the sketches show")
+    p.add_argument("--targets", default=",".join(SHAPES), help="comma list of the shapes the sketches show")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (train.seed) per target")
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--root", help="storage root (default: the config's)")
     p.add_argument("--iterations", type=int, help="customisation iterations (default: the config's train.iterations)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default="gansketching", help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--n-samples", type=int, default=1000, help="samples per model")
     p.add_argument("--base", default=str(BASE_DIR), help="folder of the base G.pth, D.pth (made when missing)")
+    p.add_argument("--classifier", default=str(CLASSIFIER), help="shape classifier (trained and saved when missing)")
     p.add_argument("--classifier-epochs", type=int, default=3)
-    p.add_argument("--parallel", type=int,
-                   help="`sketchgan train` runs at once, one thread each (default: every variant at once; the OS "
-                        "shares the cores between them, which keeps both of two cores busy with three variants)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of each `sketchgan train` run")
+    p.add_argument("--parallel", type=int, default=1, help="`sketchgan train` runs at once")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                    help="extra override for every `sketchgan train` run (repeatable)")
     args = p.parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    for kind, given, known in (("targets", targets, SHAPES), ("variants", variants, tuple(VARIANTS))):
+        unknown = [x for x in given if x not in known]
+        if unknown or not given:
+            p.error(f"--{kind}: unknown or none {unknown} (known: {', '.join(known)})")
 
     cfg_path = Path(args.config)
     cfg = load_config(cfg_path, [f"storage.root={args.root}"] if args.root else [])
     root = str(Path(cfg.storage.root).resolve()) if not storage.is_s3(cfg.storage.root) else cfg.storage.root
     cfg = load_config(cfg_path, [f"storage.root={root}"])
-    out_dir = Path(root) / "benchmarks" / "shape-customisation" / args.target
+    out_root = Path(root) / "benchmarks" / "shape-customisation"
 
     import ray
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, args.cpus))
     from pipeline.raysession import PACKAGE_ROOT, local_instance_settings
 
     local_instance_settings()  # Ray's default niceness 15 lets any other busy process starve training
-
-    parallel = max(1, min(args.parallel or len(variants), len(variants)))
-    ray.init(num_cpus=parallel, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
-             log_to_driver=False)
-    say(f"target shape: {args.target}; shapes {', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}; "
-        f"storage root {root}")
+    ray.init(num_cpus=args.cpus * args.parallel, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}}, log_to_driver=False)
+    say(f"targets {', '.join(targets)}; seeds {', '.join(map(str, seeds))}; variants {', '.join(variants)}; "
+        f"{args.cpus} CPU(s) per run, {args.parallel} run(s) at once; storage root {root}")
 
     dataset, labels = ensure_dataset(cfg, cfg_path)
     base_g, base_d = ensure_base(cfg, cfg_path, Path(args.base))
-
-    from pipeline.eval.shape_classifier import ShapeFeatureExtractor, accuracy, save_classifier, train_classifier
-
-    say(f"rendering {CLS_TRAIN} + {CLS_TEST} classifier images and {N_REF} FID reference images")
-    x_tr, y_tr = generate_shape_images(CLS_TRAIN, cfg.data.size, CLS_TRAIN_SEED, SHAPES, BACKGROUNDS)
-    x_te, y_te = generate_shape_images(CLS_TEST, cfg.data.size, CLS_TEST_SEED, SHAPES, BACKGROUNDS)
-    x_ref, y_ref = generate_shape_images(N_REF, cfg.data.size, REF_SEED, SHAPES, BACKGROUNDS)
-    trained = train_classifier(x_tr, y_tr, SHAPES, epochs=args.classifier_epochs, progress=True)
-    classifier = trained.classifier
-    held_out = accuracy(classifier, x_te, y_te)
-    save_classifier(classifier, str(out_dir / "shape-classifier.pt"))
-    say(f"shape classifier: held-out accuracy {held_out:.4f} on {CLS_TEST} images "
-        f"(trained in {trained.seconds:.0f}s)")
-    if held_out < 0.95:
-        say("WARNING: held-out accuracy below 0.95: the shares below are not trustworthy")
+    classifier, held_out = ensure_classifier(Path(args.classifier), args.classifier_epochs)
 
     from pipeline.eval.fid import extract_features
+    from pipeline.eval.shape_classifier import ShapeFeatureExtractor
 
     extractor = ShapeFeatureExtractor(classifier, resize_threads=1)
+    x_ref, y_ref = generate_shape_images(N_REF, cfg.data.size, REF_SEED, SHAPES, BACKGROUNDS)
     ref_all = extract_features(x_ref, extractor, batch_size=250)
-    ref_target = ref_all[np.array([y == args.target for y in y_ref])]
-    grid(x_ref[:64], str(out_dir / "real.png"))
+    base_images = generate(cfg, base_g, args.n_samples)
 
-    sketch_set = make_sketch_set(cfg, cfg_path, dataset, labels, args.target)
     from pipeline.data.sketchsets import load_sketch_set
 
-    _, sketches = load_sketch_set(layout.sketchset_uri(cfg, sketch_set))
-    grid(np.repeat(sketches[:24, :, :, None], 3, axis=3), str(out_dir / "sketches.png"), nrow=8)
-    say(f"sketch set {sketch_set}: {len(sketches)} edges sketches of real {args.target}s")
+    sketch_sets, base_rows = {}, {}
+    for target in targets:
+        out_dir = out_root / target
+        ref_target = ref_all[np.array([y == target for y in y_ref])]
+        grid(x_ref[:64], str(out_dir / "real.png"))
+        sketch_sets[target] = make_sketch_set(cfg, cfg_path, dataset, labels, target)
+        _, sketches = load_sketch_set(layout.sketchset_uri(cfg, sketch_sets[target]))
+        grid(np.repeat(sketches[:24, :, :, None], 3, axis=3), str(out_dir / "sketches.png"), nrow=8)
+        grid(base_images[:64], str(out_dir / "base.png"))
+        base_rows[target] = evaluate("base", base_images, classifier, extractor, ref_target, ref_all, target)
+        b = base_rows[target]
+        say(f"sketch set {sketch_sets[target]}; base: {target} share {b['target_fraction']:.3f}, FID to real "
+            f"{target}s {b['fid_target']:.2f}, FID to all {b['fid_all']:.2f}")
+
+    jobs = [Job(t, v, s) for t in targets for v in variants for s in seeds]
+
+    def run(job: Job) -> None:
+        t = time.time()
+        say(f"customising towards {job.target}s ({job.variant}, seed {job.seed}) with `sketchgan train` ...")
+        job.g_path = customise(cfg, cfg_path, job.variant, sketch_sets[job.target], base_g, base_d, job.seed,
+                               args.cpus, args.iterations, args.overrides)
+        job.seconds = time.time() - t
+        say(f"{job.target} {job.variant} seed {job.seed}: trained in {job.seconds:.0f}s")
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel), thread_name_prefix="run") as pool:
+        for fut in [pool.submit(run, j) for j in jobs]:
+            fut.result()
 
     rows = []
-    base_images = generate(cfg, base_g, args.n_samples)
-    grid(base_images[:64], str(out_dir / "base.png"))
-    rows.append(evaluate("base", base_images, classifier, extractor, ref_target, ref_all, args.target))
-    say(f"base: target fraction {rows[-1]['target_fraction']:.3f}, FID to {args.target}s "
-        f"{rows[-1]['fid_target']:.2f}, FID to all {rows[-1]['fid_all']:.2f}")
+    for job in jobs:
+        ref_target = ref_all[np.array([y == job.target for y in y_ref])]
+        images = generate(cfg, job.g_path, args.n_samples)
+        grid(images[:64], str(out_root / job.target / f"{job.variant}-s{job.seed}.png"))
+        r = evaluate(job.variant, images, classifier, extractor, ref_target, ref_all, job.target)
+        r.update(target=job.target, seed=job.seed, train_seconds=round(job.seconds, 1),
+                 fid_target_ratio=r["fid_target"] / base_rows[job.target]["fid_target"])
+        rows.append(r)
 
-    # The customisations run side by side (one thread each, `parallel` at a time); sampling and scoring follow.
-    seconds, g_paths = {}, {}
-
-    def run_variant(variant: str) -> None:
-        t = time.time()
-        say(f"customising ({variant}) with `sketchgan train` ...")
-        g_paths[variant] = customise(cfg, cfg_path, variant, sketch_set, base_g, base_d, args.iterations,
-                                     args.overrides)
-        seconds[variant] = time.time() - t
-        say(f"{variant}: trained in {seconds[variant]:.0f}s")
-
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="variant") as pool:
-        for fut in [pool.submit(run_variant, v) for v in variants]:
-            fut.result()
-    for variant in variants:
-        images = generate(cfg, g_paths[variant], args.n_samples)
-        grid(images[:64], str(out_dir / f"{variant}.png"))
-        rows.append(evaluate(variant, images, classifier, extractor, ref_target, ref_all, args.target))
-        r = rows[-1]
-        say(f"{variant}: target fraction {r['target_fraction']:.3f}, FID to {args.target}s {r['fid_target']:.2f}, "
-            f"FID to all {r['fid_all']:.2f}")
-
-    base = rows[0]
+    iterations = args.iterations or cfg.train.iterations
     print()
-    print(f"shape customisation, target {args.target}: {args.n_samples} samples per model, classifier held-out "
-          f"accuracy {held_out:.4f}, FID in the classifier's {classifier.feature_dim}-d penultimate features")
-    print("| model | " + " | ".join(f"share {c}" for c in SHAPES) +
-          f" | FID to real {args.target}s | FID to all real | ratio to base (target) |")
-    print("| --- " * (len(SHAPES) + 4) + "|")
-    for r in rows:
-        print(f"| {r['model']} | " + " | ".join(f"{r['shares'][c]:.3f}" for c in SHAPES) +
-              f" | {r['fid_target']:.2f} | {r['fid_all']:.2f} | {r['fid_target'] / base['fid_target']:.3f} |")
-    results = {"target": args.target, "held_out_accuracy": held_out, "rows": rows,
-               "train_seconds": seconds, "total_seconds": time.time() - T0}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"grids and results: {out_dir}")
+    print(f"shape customisation: {args.n_samples} samples per model, {iterations} iterations per run, "
+          f"classifier held-out accuracy {held_out:.4f}, FID in its {classifier.feature_dim}-d penultimate features")
+    print("| target | model | seed | " + " | ".join(f"share {c}" for c in SHAPES) +
+          " | FID to real target | FID to all real | FID ratio to base | training wall time (s) |")
+    print("| --- " * (len(SHAPES) + 8) + "|")
+    for target in targets:
+        b = base_rows[target]
+        print(f"| {target} | base | - | " + " | ".join(f"{b['shares'][c]:.3f}" for c in SHAPES) +
+              f" | {b['fid_target']:.2f} | {b['fid_all']:.2f} | 1.000 | - |")
+        for r in (r for r in rows if r["target"] == target):
+            print(f"| {target} | {r['model']} | {r['seed']} | " + " | ".join(f"{r['shares'][c]:.3f}" for c in SHAPES)
+                  + f" | {r['fid_target']:.2f} | {r['fid_all']:.2f} | {r['fid_target_ratio']:.3f} | "
+                  f"{r['train_seconds']:.0f} |")
+    results = {"targets": targets, "seeds": seeds, "iterations": iterations, "held_out_accuracy": held_out,
+               "base": base_rows, "rows": rows, "total_seconds": time.time() - T0}
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"grids and results: {out_root}")
     print(f"run_time_s: {time.time() - T0:.0f}")
-    for r in rows[2:]:
-        print(f"ablation_{r['model']}: target_fraction {r['target_fraction']:.3f} "
-              f"fid_target_ratio {r['fid_target'] / base['fid_target']:.3f}")
-    print(f"base_target_fraction: {base['target_fraction']:.3f}")
-    if len(rows) > 1:
-        main_row = rows[1]
-        print(f"fid_target_ratio: {main_row['fid_target'] / base['fid_target']:.3f}")
-        print(f"target_fraction: {main_row['target_fraction']:.3f}")
+    for variant in variants:
+        for target in targets:
+            mine = [r for r in rows if r["model"] == variant and r["target"] == target]
+            print(f"{variant} {target}: worst target_fraction {min(r['target_fraction'] for r in mine):.3f}, "
+                  f"worst fid_target_ratio {max(r['fid_target_ratio'] for r in mine):.3f}, "
+                  f"longest training {max(r['train_seconds'] for r in mine):.0f}s")
+    main_rows = [r for r in rows if r["model"] == "gansketching"]
+    if main_rows:
+        print(f"max_train_seconds: {max(r['train_seconds'] for r in main_rows):.0f}")
+        print(f"worst_target_fraction: {min(r['target_fraction'] for r in main_rows):.3f}")
+        print(f"worst_fid_target_ratio: {max(r['fid_target_ratio'] for r in main_rows):.3f}")
     ray.shutdown()
     return 0
 

@@ -56,6 +56,18 @@ def local_instance_settings() -> None:
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
+# Ray Train's own DatasetManager builds Ray Data options through a deprecated setter and warns about it in every
+# run (ray/train/_internal/data_config.py; nothing a user can change): this one message is ignored in Ray's
+# worker processes, by its text (a -W filter cannot name Ray's warning class, which Python would import first).
+RAY_INTERNAL_DEPRECATION = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables of this package's Ray workers: the package importable, Ray's own noise off."""
+    warnings = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), RAY_INTERNAL_DEPRECATION) if w)
+    return {"PYTHONPATH": PACKAGE_ROOT, "PYTHONWARNINGS": warnings}
+
+
 def ensure_ray() -> None:
     """Connect to (or start) Ray once per process; workers can import this package."""
     import ray
@@ -73,7 +85,22 @@ def ensure_ray() -> None:
         local_instance_settings()
     if not sys.stdout.isatty():
         os.environ.setdefault(COLOR_PREFIX_ENV, "0")  # worker lines forwarded to a file or pipe: no ANSI codes
-    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
+    # Ray's start-up line carries ANSI colour codes whatever the output, and its token warning only says how to
+    # turn authentication off: one plain line of ours instead
+    quiet = [logging.getLogger(n) for n in ("ray._private.worker",
+                                            "ray._private.authentication.authentication_token_setup")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING if q.name.endswith("worker") else logging.ERROR)
+    try:
+        context = ray.init(address=address, runtime_env={"env_vars": worker_env()})
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    dashboard = getattr(context, "dashboard_url", None)
+    log.info("Ray: %s%s", "started a local instance" if address in (None, "local") else f"connected to {address}",
+             f" (dashboard http://{dashboard})" if dashboard and "://" not in dashboard else
+             (f" (dashboard {dashboard})" if dashboard else ""))
     quiet_ray_data(sys.stdout.isatty())
 
 

@@ -226,8 +226,8 @@ def test_markdown_and_csv_tables():
     rows = [{"model": "m|1", "version": "3", "category": "cat", "sketch_set": "s", "n": 10, "fid": 12.345678,
              "kid": 0.0123456, "seconds": 4.56, "evalset": "/e"}]
     md = to_markdown(rows).splitlines()
-    assert md[0] == "| model | version | category | sketch set | N | FID | KID | seconds |"
-    assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 0.012346 | 4.6 |"
+    assert md[0] == "| model | version | category | sketch set | N | FID | KID ×10³ | seconds |"
+    assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 12.346 | 4.6 |"  # KID as papers print it
     assert to_csv(rows).splitlines()[0] == "model,version,category,sketch_set,n,fid,kid,seconds,evalset"
 
 

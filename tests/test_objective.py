@@ -234,3 +234,21 @@ def test_objective_config_of_a_config_section_with_extra_settings():
     cfg = load_config(None, ["train.lambda_image=0.3", "train.precision=fp32"])
     oc = ObjectiveConfig.of(cfg.train, precision="bf16", ema_beta=0.5)
     assert (oc.lambda_image, oc.precision, oc.ema_beta, oc.lr, oc.trained) == (0.3, "bf16", 0.5, 0.002, "mapping")
+
+
+def test_per_network_learning_rates():
+    same = make_step(trained="all")
+    assert len(same.opt_g.param_groups) == 1  # the paper's one rate: checkpoints keep their optimiser layout
+    step = make_step(trained="all", lr=0.003, lr_mapping=0.3, lr_d=0.001)
+    mapping = {id(p) for p in step.G.mapping_parameters()}
+    by_lr = {round(g["lr"], 6): {id(p) for p in g["params"]} for g in step.opt_g.param_groups}
+    assert by_lr == {0.3: mapping, 0.003: {id(p) for p in step.g_params} - mapping}
+    assert step.opt_d.param_groups[0]["lr"] == pytest.approx(0.001 * 4 / 5)  # lazy R1 scales it as lr's
+    # a step moves the mapping network by ~lr_mapping per weight (Adam's first step is ±lr), the rest by ~lr
+    before = {n: p.detach().clone() for n, p in step.G.named_parameters()}
+    step.step(1, *batch())
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in step.G.named_parameters()}
+    assert max(v for n, v in moved.items() if n.startswith("style.")) == pytest.approx(0.3, rel=0.05)
+    assert max(v for n, v in moved.items() if not n.startswith("style.")) == pytest.approx(0.003, rel=0.05)
+    only_mapping = make_step(trained="mapping", lr_mapping=0.3)
+    assert [g["lr"] for g in only_mapping.opt_g.param_groups] == [0.3]

@@ -117,7 +117,7 @@ def test_demo_customises_the_committed_base_with_its_architecture():
     assert not demo.model.base_g and demo.eval.feature_extractor == "classifier"
     assert committed_assets(demo) == {"model.base_g": str(BASE_DIR / "G.pth"), "model.base_d": str(BASE_DIR / "D.pth"),
                                       "eval.classifier": str(CLASSIFIER)}
-    assert [s.target_class for s in demo.train.sketch_sets] == ["triangle", "square"]
+    assert [s.target_class for s in demo.train.sketch_sets] == ["square", "circle"]
     # a config naming its own base and classifier keeps them
     own = load_config(DEMO_CONFIG, ["model.base_g=/x/G.pth", "model.base_d=/x/D.pth", "eval.classifier=/x/c.pt"])
     assert committed_assets(own) == {}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,7 +48,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             f"{sigma2.shape} (were they computed with the same feature extractor?)"
         )
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    with warnings.catch_warnings():
+        # a singular product (features that never fire have zero variance) still has a usable square root, as
+        # clean-fid and pytorch-fid find; a non-finite one is handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
     if not np.isfinite(covmean).all():
         log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps

@@ -66,6 +66,7 @@ def parse_input(model_input) -> tuple[list[int], list[float]]:
 
 
 try:
+    import pandas as pd  # MLflow's dependency; predict's type hint (a DataFrame: MLflow infers no schema from it)
     from mlflow.pyfunc import PythonModel as _PythonModel
 except ImportError:  # the sampling helpers above work without MLflow
     _PythonModel = object
@@ -89,7 +90,7 @@ class SketchGANModel(_PythonModel):
         self.G = G.to(self.device).eval().requires_grad_(False)
         self._centre = None
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         seeds, psi = parse_input(model_input)
         if self._centre is None and any(p < 1 for p in psi):
             self._centre = mean_w(self.G, self.device)
