@@ -83,8 +83,12 @@ def prepare_evalsets(cfg: Config, n: int) -> tuple[Config, str]:
         if layout.evalset_exists(uri):
             notes.append(f"reusing {spec.name}")
         else:
-            evalsets.create_evalset(cfg, sketchset=spec.uri, dataset=layout.dataset_uri(cfg), n=n, out=uri)
-            notes.append(f"created {spec.name} ({n} images)")
+            ids = None
+            if spec.evalset_ids:
+                ids = [line.strip() for line in storage.read_text(spec.evalset_ids).splitlines() if line.strip()]
+            made = evalsets.create_evalset(cfg, sketchset=spec.uri, dataset=layout.dataset_uri(cfg), n=n, out=uri,
+                                           ids=ids)
+            notes.append(f"created {spec.name} ({made['count']} images{', by id' if ids is not None else ''})")
         specs.append({**spec.model_dump(), "evalset": uri})
     return updated(cfg, {"train.sketch_sets": specs}), ", ".join(notes)
 

@@ -53,6 +53,9 @@ class SketchSetSpec(Section):
     from_dir: Location | None = None  # folder/prefix of drawings to create it from when missing
     from_ids: Location | None = None  # file of dataset ids to create it from when missing
     evalset: Location | None = None  # evaluation set (Parquet of real images) for FID
+    # a file of dataset ids (one per line) to make the evaluation set from, when none is given: real images known
+    # to show what the sketches show; default: the dataset's images whose sketches are nearest the set's
+    evalset_ids: Location | None = None
     # the class its sketches show, as eval.classifier names it: the benchmark reports the share of samples of
     # that class (target_share) for the models customised from this set and for the base
     target_class: str | None = None

@@ -22,7 +22,7 @@ N_IMAGES = 3000  # generated images (three shapes in equal shares), the base's k
 BACKGROUNDS = ("flat", "gradient")
 SEED = 0
 SKETCHES_PER_SET = 30
-EVALSET_SIZE = 300  # real images per evaluation set (those nearest the set's sketches)
+EVALSET_SIZE = 300  # real images per evaluation set: images of the sketched shape, none of them sketched
 
 
 def write_demo_data(cfg: Config) -> str:
@@ -32,7 +32,8 @@ def write_demo_data(cfg: Config) -> str:
     root = layout.synthetic_uri(cfg)
     lmdb_dir = storage.join(root, cfg.data.category)
     ids_dir = Path(storage.join(root, "sketch-ids"))
-    if storage.exists(storage.join(lmdb_dir, "data.mdb")) and ids_dir.exists():
+    wanted = [ids_dir / f"{s.name}{suffix}.txt" for s in cfg.train.sketch_sets for suffix in ("", "-evalset")]
+    if storage.exists(storage.join(lmdb_dir, "data.mdb")) and all(p.is_file() for p in wanted):
         print(f"demo: reusing generated data in {root}", flush=True)
         return lmdb_dir
     print(f"demo: generating {N_IMAGES} LSUN-format images in {lmdb_dir}", flush=True)
@@ -42,8 +43,11 @@ def write_demo_data(cfg: Config) -> str:
     for spec in cfg.train.sketch_sets:
         if spec.target_class not in synthetic.SHAPES:
             raise ValueError(f"demo: sketch set {spec.name!r} needs a target_class among {', '.join(synthetic.SHAPES)}")
-        ids = sorted(key for key, label in labels.items() if label == spec.target_class)[:SKETCHES_PER_SET]
-        (ids_dir / f"{spec.name}.txt").write_text("\n".join(ids) + "\n")
+        of_class = sorted(key for key, label in labels.items() if label == spec.target_class)
+        # the sketches come from the first images of the class; the evaluation set holds the next ones
+        (ids_dir / f"{spec.name}.txt").write_text("\n".join(of_class[:SKETCHES_PER_SET]) + "\n")
+        held_out = of_class[SKETCHES_PER_SET:SKETCHES_PER_SET + EVALSET_SIZE]
+        (ids_dir / f"{spec.name}-evalset.txt").write_text("\n".join(held_out) + "\n")
     return lmdb_dir
 
 
@@ -74,7 +78,8 @@ def run_demo(cfg: Config) -> None:
     cfg = updated(cfg, committed_assets(cfg))
     lmdb_dir = write_demo_data(cfg)
     ids_dir = storage.join(layout.synthetic_uri(cfg), "sketch-ids")
-    specs = [{**s.model_dump(), "from_ids": s.from_ids or storage.join(ids_dir, f"{s.name}.txt")}
+    specs = [{**s.model_dump(), "from_ids": s.from_ids or storage.join(ids_dir, f"{s.name}.txt"),
+              "evalset_ids": s.evalset_ids or (None if s.evalset else storage.join(ids_dir, f"{s.name}-evalset.txt"))}
              for s in cfg.train.sketch_sets]
     cfg = updated(cfg, {"data.source": lmdb_dir, "train.sketch_sets": specs})
     report = run_chain(cfg, evalset_size=EVALSET_SIZE)

@@ -183,3 +183,11 @@ def test_evalset_holds_the_images_nearest_the_sketches(ray_local, tmp_path, s3_b
     with pytest.raises(evalsets.EvalSetError, match="no manifest"):
         evalsets.create_evalset(_cfg(), sketchset, str(tmp_path / "missing"), n=3, out=str(tmp_path / "e"))
     assert json.loads(storage.read_text(f"{out}/manifest.json"))["requested"] == 12
+    # by id (labels known): exactly those images, in the given order, and unknown ids refused by name
+    record_ids = sorted(tri_record_ids)[:4]
+    by_id = evalsets.create_evalset(_cfg(), sketchset, dataset, n=3, out=f"{out}-ids", ids=record_ids)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}-ids/images.parquet")))
+    assert table["id"].to_pylist() == record_ids[:3] and by_id["count"] == 3 and by_id["max_distance"] is None
+    assert all(stored[i] == img for i, img in zip(record_ids, table["image"].to_pylist()))
+    with pytest.raises(evalsets.EvalSetError, match="not in dataset .*first: nope"):
+        evalsets.create_evalset(_cfg(), sketchset, dataset, n=3, out=f"{out}-bad", ids=["nope", record_ids[0]])

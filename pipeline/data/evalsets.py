@@ -84,8 +84,10 @@ def nearest_ids(pairs_uri: str, queries: np.ndarray, n: int) -> list[tuple[str, 
 
 
 def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: int | None = None,
-                   out: str | None = None, name: str | None = None) -> dict:
-    """Create (or replace) the evaluation set for ``sketchset``; returns its manifest."""
+                   out: str | None = None, name: str | None = None, ids: list[str] | None = None) -> dict:
+    """Create (or replace) the evaluation set for ``sketchset``: the ``n`` real images whose sketches are nearest
+    the set's, or, with ``ids``, the dataset's images of those ids (when the category's labels are known, e.g.
+    images of the sketched class held out from the sketch set); returns its manifest."""
     from pipeline.data.sketchsets import load_sketch_set
 
     dataset = dataset or layout.dataset_uri(cfg)
@@ -100,9 +102,26 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
     name = validate_name(name or s_manifest.get("name") or "evalset", "evaluation set name")
     out = out or layout.evalset_uri(cfg, name)
     pairs = stored.pairs_uri
-    chosen = nearest_ids(pairs, sketch_descriptors(sketches), n)
+    if ids is not None:
+        # as for sketch sets, an id is a row id or a source key (e.g. an LSUN key)
+        wanted = list(dict.fromkeys(ids))[:n]
+        values = pa.array(wanted)
+        found = storage.read_parquet(pairs, ["id", "source_key"],
+                                     filter=pc.field("id").isin(values) | pc.field("source_key").isin(values))
+        row_of = {}
+        for rid, key in zip(found["id"].to_pylist(), found["source_key"].to_pylist()):
+            row_of.setdefault(rid, rid)
+            row_of.setdefault(key, rid)
+        missing = [i for i in wanted if i not in row_of]
+        if missing:
+            raise EvalSetError(f"evaluation set {name}: {len(missing)} of the given ids are not in dataset {dataset} "
+                               f"(neither a row id nor a source key; first: {', '.join(missing[:3])})")
+        chosen = list({row_of[i]: (row_of[i], float("nan")) for i in wanted}.values())
+    else:
+        chosen = nearest_ids(pairs, sketch_descriptors(sketches), n)
     if not chosen:
-        raise EvalSetError(f"dataset {dataset} has no images")
+        raise EvalSetError(f"evaluation set {name}: no ids given" if ids is not None else
+                           f"dataset {dataset} has no images")
     rank = {rid: i for i, (rid, _) in enumerate(chosen)}
     table = storage.read_parquet(pairs, ["id", "image", "size"], filter=pc.field("id").isin(pa.array(list(rank))))
     rows = sorted(zip(table["id"].to_pylist(), table["image"].to_pylist(), table["size"].to_pylist()),
@@ -121,9 +140,9 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
         "size": sizes[0] if len(sizes) == 1 else sizes,
         "sketchset_id": s_manifest.get("id"), "sketchset": sketchset, "dataset": dataset,
         "dataset_id": stored.id, "requested": n,
-        "distance": f"RMS of truncated distance transforms ({DT_RES}px, clip {DT_CLIP}, {DESC_RES}x{DESC_RES}), "
-                    "nearest sketch of the set",
-        "max_distance": float(images["distance"].to_numpy().max()),
+        "distance": (f"RMS of truncated distance transforms ({DT_RES}px, clip {DT_CLIP}, {DESC_RES}x{DESC_RES}), "
+                     "nearest sketch of the set") if ids is None else "none: images chosen by id",
+        "max_distance": float(images["distance"].to_numpy().max()) if ids is None else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     layout.publish_table_set(out, layout.EVALSET_IMAGES, images, manifest)

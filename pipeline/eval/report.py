@@ -111,7 +111,9 @@ def fid_chart(rows: list[dict[str, Any]], title: str) -> bytes:
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, pad=16)
     if any(r.get("baseline") for r in rows):
-        ax.legend(handles=[Patch(color="0.6", label="base (baseline)")], fontsize=8, loc="lower right")
+        # outside the axes: inside it would hide a small bar's label
+        ax.legend(handles=[Patch(color="0.6", label="base (baseline)")], fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
