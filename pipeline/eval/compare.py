@@ -81,6 +81,14 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
     if not customised:
         return None
     base_of = {s.evalset: s for s in specs if s.baseline}
+    drawn: dict[str, np.ndarray] = {}  # the base is the same model in every group: draw it once
+
+    def samples(spec: ModelSpec) -> np.ndarray:
+        key = spec.source["uri"]
+        if key not in drawn:
+            drawn[key] = _samples(spec, cfg)
+        return drawn[key]
+
     rows = []
     for sketches_uri in dict.fromkeys(s.sketches_uri for s in customised):
         members = [s for s in customised if s.sketches_uri == sketches_uri]
@@ -88,10 +96,10 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
         pictures = [(f"sketches: {members[0].sketch_set or sketches_uri.rsplit('/', 1)[-1]}", sketches)]
         base = base_of.get(members[0].evalset)
         if base is not None:
-            pictures.append(("base, before", _samples(base, cfg)))
+            pictures.append(("base, before", samples(base)))
         for spec in members:
             version = f" v{spec.version}" if spec.version else ""
-            pictures.append((f"{spec.label}{version}, after", _samples(spec, cfg)))
+            pictures.append((f"{spec.label}{version}, after", samples(spec)))
         tile = tile_size(max(p.shape[1] for _, p in pictures))
         rows += [_row(label, images, tile) for label, images in pictures]
         rows.append(None)  # a gap between sketch sets
