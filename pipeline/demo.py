@@ -29,6 +29,10 @@ def write_demo_data(cfg: Config) -> str:
     """Generate the LSUN-format LMDB and an id list per sketch set (once; reused afterwards)."""
     from pipeline.data import synthetic
 
+    for spec in cfg.train.sketch_sets:  # checked before any reuse: a renamed class must not pass silently
+        if spec.target_class not in synthetic.SHAPES:
+            raise ValueError(f"demo: train.sketch_sets: {spec.name!r} needs a target_class among "
+                             f"{', '.join(synthetic.SHAPES)}, got {spec.target_class!r}")
     root = layout.synthetic_uri(cfg)
     lmdb_dir = storage.join(root, cfg.data.category)
     ids_dir = Path(storage.join(root, "sketch-ids"))
@@ -41,8 +45,6 @@ def write_demo_data(cfg: Config) -> str:
                                          backgrounds=BACKGROUNDS)
     ids_dir.mkdir(parents=True, exist_ok=True)
     for spec in cfg.train.sketch_sets:
-        if spec.target_class not in synthetic.SHAPES:
-            raise ValueError(f"demo: sketch set {spec.name!r} needs a target_class among {', '.join(synthetic.SHAPES)}")
         of_class = sorted(key for key, label in labels.items() if label == spec.target_class)
         # the sketches come from the first images of the class; the evaluation set holds the next ones
         (ids_dir / f"{spec.name}.txt").write_text("\n".join(of_class[:SKETCHES_PER_SET]) + "\n")

@@ -121,3 +121,14 @@ def test_demo_customises_the_committed_base_with_its_architecture():
     # a config naming its own base and classifier keeps them
     own = load_config(DEMO_CONFIG, ["model.base_g=/x/G.pth", "model.base_d=/x/D.pth", "eval.classifier=/x/c.pt"])
     assert committed_assets(own) == {}
+
+
+def test_demo_refuses_a_sketch_set_without_a_shape_even_with_data_already_written(tmp_path):
+    # the check runs before the "reuse generated data" branch: a second run with a changed config is refused too
+    from pipeline.demo import DEMO_CONFIG, write_demo_data
+
+    cfg = load_config(DEMO_CONFIG, [f"storage.root={tmp_path}"])
+    write_demo_data(cfg)  # first run: data and id lists written
+    sets = "train.sketch_sets=[{name: squares, target_class: square}, {name: hexagons, target_class: hexagon}]"
+    with pytest.raises(ValueError, match=r"'hexagons' needs a target_class among circle, square, triangle.*'hexagon'"):
+        write_demo_data(load_config(DEMO_CONFIG, [f"storage.root={tmp_path}", sets]))

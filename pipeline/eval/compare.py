@@ -34,23 +34,25 @@ def _samples(spec: ModelSpec, cfg: Config) -> np.ndarray:
     from pipeline.models.sampling import generate_batches
 
     device = torch.device("cpu")
-    generator = load_source(spec.source, device)
+    generator = load_source(spec.source, device, cfg)
     style_dim = (spec.source.get("arch") or {}).get("style_dim")
     ev = cfg.eval
     return np.concatenate(list(generate_batches(generator, COUNT, ev.seed, ev.truncation, COUNT, device, style_dim)))
 
 
 def _sketches(uri: str) -> np.ndarray:
-    from PIL import Image
+    """The set's first sketches as RGB, decoded with the pipeline's guarded decoder (size limits, clear errors)."""
+    from pipeline.data.images import BadRecord, center_crop_resize, open_image, to_mode
 
     stored = layout.read_sketch_set(uri)
-    arrays = []
-    for blob in stored.blobs[:COUNT]:
-        with Image.open(io.BytesIO(blob)) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
-    size = max(a.shape[0] for a in arrays)
-    return np.stack([np.asarray(Image.fromarray(a).resize((size, size))) if a.shape[0] != size else a
-                     for a in arrays])
+    pictures = []
+    for sketch_id, blob in zip(stored.ids[:COUNT], stored.blobs[:COUNT]):
+        try:
+            pictures.append(to_mode(open_image(blob), "RGB"))
+        except BadRecord as exc:
+            raise ValueError(f"sketch set {uri}: sketch {sketch_id!r}: {exc.reason}") from None
+    size = max(p.height for p in pictures)
+    return np.stack([np.asarray(center_crop_resize(p, size)) for p in pictures])
 
 
 def _row(label: str, images: np.ndarray, tile: int):
@@ -84,7 +86,7 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
     drawn: dict[str, np.ndarray] = {}  # the base is the same model in every group: draw it once
 
     def samples(spec: ModelSpec) -> np.ndarray:
-        key = spec.source["uri"]
+        key = spec.source.get("uri") or spec.source.get("model_uri")
         if key not in drawn:
             drawn[key] = _samples(spec, cfg)
         return drawn[key]
