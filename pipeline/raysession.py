@@ -68,6 +68,31 @@ def worker_env() -> dict[str, str]:
     return {"PYTHONPATH": PACKAGE_ROOT, "PYTHONWARNINGS": warnings}
 
 
+def job_env_vars() -> dict[str, str]:
+    """The environment variables of the submitted job's runtime env (`ray job submit --runtime-env`), if any."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the job's driver
+    if not raw:
+        return {}
+    try:
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+
+
+def driver_runtime_env() -> dict | None:
+    """What `ray.init` adds to the runtime env: our worker variables, minus those a submitted job already sets.
+
+    Ray refuses to start a job's driver whose `ray.init` names an environment variable the job's runtime env
+    names too; the job's value wins here (its working_dir and PYTHONPATH make the package importable).
+    """
+    taken = job_env_vars()
+    ours = {k: v for k, v in worker_env().items() if k not in taken}
+    return {"env_vars": ours} if ours else None
+
+
 def ensure_ray() -> None:
     """Connect to (or start) Ray once per process; workers can import this package."""
     import ray
@@ -93,7 +118,7 @@ def ensure_ray() -> None:
     for q in quiet:
         q.setLevel(logging.WARNING if q.name.endswith("worker") else logging.ERROR)
     try:
-        context = ray.init(address=address, runtime_env={"env_vars": worker_env()})
+        context = ray.init(address=address, runtime_env=driver_runtime_env())
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)

@@ -48,7 +48,9 @@ def test_whole_chain_via_ray_job_submit(cluster):
                  "pretrain.iterations=12", "pretrain.batch_size=8", "train.iterations=8", "train.batch_size=4",
                  "train.checkpoint_every=4", "train.log_every=4", "eval.n_samples=40", "eval.batch_size=20",
                  "eval.name=e2e"]
-    args = ["--working-dir", str(REPO), "--", "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml"]
+    # the README's command (runtime env file included), from the repository's root
+    args = ["--runtime-env", "infra/runtime_env.yaml", "--working-dir", ".", "--", "python", "jobs/pipeline.py",
+            "--config", "configs/tiny.yaml"]
     for o in overrides:
         args += ["--set", o]
     proc = head.submit(args, cwd=REPO, timeout=1200)

@@ -84,3 +84,27 @@ def test_workers_of_a_local_instance_are_not_niced(tmp_path):
                          text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "niceness 0" in out.stdout, out.stdout
+
+
+def test_a_submitted_jobs_runtime_env_merges_with_the_drivers(init_calls, monkeypatch):
+    # `ray job submit --runtime-env infra/runtime_env.yaml`: Ray hands the job's runtime env to the driver and
+    # merges it with ray.init's, refusing any environment variable named by both (issue 21)
+    import json
+    from pathlib import Path
+
+    import yaml
+    from ray._private.worker import _merge_runtime_env
+
+    job_env = yaml.safe_load((Path(raysession.PACKAGE_ROOT) / "infra" / "runtime_env.yaml").read_text())
+    assert "PYTHONPATH" in job_env["env_vars"]
+    assert _merge_runtime_env(job_env, {"env_vars": raysession.worker_env()}) is None  # what used to happen
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    raysession.ensure_ray()
+    ours = init_calls[-1]["runtime_env"]
+    assert "PYTHONPATH" not in ours["env_vars"] and "PYTHONWARNINGS" in ours["env_vars"]
+    merged = _merge_runtime_env(job_env, ours)
+    assert merged is not None and merged["env_vars"]["PYTHONPATH"] == job_env["env_vars"]["PYTHONPATH"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # no job: our own variables, the package path included
+    raysession.ensure_ray()
+    assert init_calls[-1]["runtime_env"]["env_vars"]["PYTHONPATH"] == raysession.PACKAGE_ROOT
