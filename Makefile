@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install lock clean
 
-$(STAMP): pyproject.toml
+# The locked versions first (no resolver backtracking, the same set on every machine), then the project itself.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip >/dev/null
-	$(VENV)/bin/python -m pip install -e '.[dev]'
+	$(VENV)/bin/python -m pip install -r requirements.lock
+	$(VENV)/bin/python -m pip install --no-deps -e '.[dev]'
+	$(VENV)/bin/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +24,14 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest
+
+# Resolve pyproject.toml's dependencies afresh in a scratch venv and write what was installed to requirements.lock.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip >/dev/null
+	.lock-venv/bin/python -m pip install '.[dev]'
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^sketchgan=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean:
 	rm -rf .sketchgan
