@@ -53,7 +53,7 @@ def test_classifier_scores_target_share_and_the_figure_shows_before_and_after(tm
     base = _tiny_run(cfg, "base", "shapes", evalset, seed=0)
     customised = _tiny_run(cfg, "custom", "shapes", evalset, seed=1)
     def samples(run: str, n: int, batch: int) -> np.ndarray:
-        generator = load_source({"kind": "run", "uri": run}, torch.device("cpu"))
+        generator = load_source({"kind": "run", "uri": run}, torch.device("cpu"), cfg)
         return np.concatenate(list(generate_batches(generator, n, cfg.eval.seed, 1.0, batch, torch.device("cpu"))))
 
     _classifier(clf, np.concatenate([samples(base, 20, 8), samples(customised, 20, 8)]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 
 import numpy as np
@@ -78,7 +77,7 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
 
     # The actor's FID equals one computed here from the same seeded samples, features and evaluation set.
     extractor = build_extractor(cfg.eval, torch.device("cpu"))
-    generator = load_source({"kind": "run", "uri": run_a}, torch.device("cpu"))
+    generator = load_source({"kind": "run", "uri": run_a}, torch.device("cpu"), cfg)
     fake = extract_features(generate_batches(generator, 12, cfg.eval.seed, 1.0, 8, torch.device("cpu")),
                             extractor)
     real = extract_features(load_evalset_images(cats), extractor)
@@ -94,17 +93,12 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert runs[0].data.metrics["fid.cat-a"] == pytest.approx(rows[0]["fid"])
     assert runs[0].data.metrics["fid.horse-b"] == pytest.approx(rows[1]["fid"])
 
-    # Register run A's generator as a model version (directly: pyfunc packaging is the registry's own test).
+    # Register run A as a model version, then delete run A's weights: the benchmark must score the version's own.
     from pipeline.registry import mlflow_registry
 
-    name = "sketchgan-cat-cat-sketches"
-    client.create_registered_model(name)
-    arch = storage.read_json(storage.join(run_a, "final", "metadata.json"))["arch"]
-    version = client.create_model_version(name, source=run_a, tags={
-        tracking.TAG_RUN_URI: run_a, mlflow_registry.TAG_G_URI: storage.join(run_a, "final", "G.pth"),
-        mlflow_registry.TAG_ARCH: json.dumps(arch)}).version
-    version = str(version)
-    client.set_registered_model_alias(name, cfg.registry.champion_alias, version)
+    name, version = mlflow_registry.register_run(cfg, run_a)
+    assert client.get_model_version_by_alias(name, cfg.registry.champion_alias).version == version
+    storage.delete(storage.join(run_a, "final", "G.pth"))
 
     # Second run through the CLI, over `champions` and run B: the reference statistics are reused, the
     # champion (run A's weights) scores what run A scored, and its FID lands on the model version.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from pipeline.config import Config
 from pipeline.models import factory
 from pipeline.models.checkpoints import save_state_dict
 
+REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(size=32, style_dim=16, n_mlp=1, channel_multiplier=1, lr_mlp=0.01, w_shift=False, channel_max=8)
 SECRET = "hunter2-very-secret"
 
@@ -138,7 +140,12 @@ def test_register_champion_and_no_duplicates(backend, capsys):
     # Resolution for the benchmark and `generate`.
     champ = reg.resolve_model(f"models:/{name}@champion", cfg)
     assert (champ.version, champ.fid, champ.arch["style_dim"]) == ("1", 12.5, 16)
-    assert champ.g_uri == storage.join(run_a, "final", "G.pth") and champ.metadata["sketch_set"]["name"] == sk
+    # a version's weights and metadata are its own artifacts, not the run's files (the run is lineage only)
+    assert champ.g_uri is None and champ.model_uri == f"models:/{name}/1" and champ.run_uri == run_a
+    assert champ.metadata["sketch_set"]["name"] == sk
+    own = champ.load_generator(cfg, "cpu").state_dict()
+    run_g = factory.load_generator(storage.join(run_a, "final", "G.pth"), ARCH, "cpu").state_dict()
+    assert own.keys() == run_g.keys() and all(torch.equal(own[k], run_g[k]) for k in own)
     assert reg.resolve_model(f"models:/{name}/3", cfg).run_uri.endswith("/runs/c")
     assert reg.resolve_model(f"models:/{name}/latest", cfg).version == "4"
     assert [c.version for c in reg.list_champions(cfg) if c.name == name] == ["1"]
@@ -204,7 +211,7 @@ PREDICT = textwrap.dedent("""
     names = [c.name for c in model.metadata.get_input_schema().inputs]
     out = model.predict(pd.DataFrame({"seed": [3, 5], "truncation": [1.0, 0.5]}))
     one = model.predict(pd.DataFrame({"seed": [5], "truncation": [0.5]}))
-    np.savez(sys.argv[2], out=out, one=one, names=np.array(names))
+    np.savez(sys.argv[2], out=out, one=one, names=np.array(names), package=sys.modules["pipeline"].__file__)
 """)
 
 
@@ -216,6 +223,24 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(backend, tmp_path, capsys)
     sk = f"p{uuid.uuid4().hex[:6]}"
     run = make_run(cfg, "p", sk, fid=7.0, seed=4)
     name, _ = reg.register_run(cfg, run)
+    # The same images as the run's G gives here; a seed's image does not depend on its batch.
+    G = factory.load_generator(storage.join(run, "final", "G.pth"), ARCH, "cpu")
+    expected = render(G, [3, 5], [1.0, 0.5], "cpu")
+    # the interpolation strip from the run itself, before its storage goes
+    args = ["--set", f"storage.root={cfg.storage.root}"]
+    if cfg.registry.tracking_uri:
+        args += ["--set", f"registry.tracking_uri={cfg.registry.tracking_uri}"]
+    strip_png = tmp_path / "strip.png"
+    assert cli.main(["generate", "--model", run, "--n", "5", "--seed", "3", "--interpolate",
+                     "--out", str(strip_png), *args]) == 0
+    grid_png = tmp_path / "grid.png"
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", run, "--truncation", "1.5", "--out", str(grid_png), *args]) == 1
+    assert "truncation" in capsys.readouterr().err
+
+    # A registered version is self-contained: everything below works with the run's storage deleted.
+    storage.delete_prefix(run)
+    assert not storage.exists(storage.join(run, "final", "G.pth"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))}
     env["MLFLOW_TRACKING_URI"] = cfg.registry.tracking_uri or f"sqlite:///{cfg.storage.root}/mlflow/mlflow.db"
     if kind == "server":  # artifacts come through the server: the client needs no S3 credentials
@@ -224,39 +249,30 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(backend, tmp_path, capsys)
     proc = subprocess.run([sys.executable, "-c", PREDICT, f"models:/{name}@champion", str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # loaded from code, not unpickled: no CloudPickle warning; `pipeline` imported from the version's own copy
+    assert "cloudpickle" not in proc.stderr.lower(), proc.stderr[-3000:]
     res = np.load(out)
+    package = str(res["package"])
+    assert package.endswith("/code/pipeline/__init__.py") and not package.startswith(str(REPO)), package
     assert list(res["names"]) == ["seed", "truncation"]
     images = res["out"]
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
-    # The same images as the run's G gives here; a seed's image does not depend on its batch.
-    G = factory.load_generator(storage.join(run, "final", "G.pth"), ARCH, "cpu")
-    expected = render(G, [3, 5], [1.0, 0.5], "cpu")
     assert np.abs(images.astype(int) - expected).max() <= 1
     assert np.array_equal(res["one"][0], images[1])
     assert not np.array_equal(images[0], images[1])
 
-    # `sketchgan generate` from the registry: a grid of seeds S.., and an interpolation strip S -> S+1.
-    args = ["--set", f"storage.root={cfg.storage.root}"]
-    if cfg.registry.tracking_uri:
-        args += ["--set", f"registry.tracking_uri={cfg.registry.tracking_uri}"]
-    grid_png = tmp_path / "grid.png"
+    # `sketchgan generate` from the registry: a grid of seeds S.., and (above) an interpolation strip S -> S+1.
     assert cli.main(["generate", "--model", f"models:/{name}@champion", "--n", "4", "--seed", "3",
                      "--truncation", "0.5", "--out", str(grid_png), *args]) == 0
     grid = np.asarray(Image.open(grid_png).convert("RGB"))
     assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)
     assert np.array_equal(grid[36:68, 2:34], expected[1])  # the third tile is seed 5 at ψ 0.5
-    strip_png = tmp_path / "strip.png"
-    assert cli.main(["generate", "--model", run, "--n", "5", "--seed", "3", "--interpolate",
-                     "--out", str(strip_png), *args]) == 0
     strip = np.asarray(Image.open(strip_png).convert("RGB"))
     assert strip.shape == (2 + 34, 2 + 5 * 34, 3)
     ends = render(G, [3, 4], [1.0, 1.0], "cpu")
     assert np.array_equal(strip[2:34, 2:34], ends[0]) and np.array_equal(strip[2:34, 2 + 4 * 34:34 + 4 * 34], ends[1])
     middle = strip[2:34, 2 + 2 * 34:34 + 2 * 34]
     assert not np.array_equal(middle, ends[0]) and not np.array_equal(middle, ends[1])
-    capsys.readouterr()
-    assert cli.main(["generate", "--model", run, "--truncation", "1.5", "--out", str(grid_png), *args]) == 1
-    assert "truncation" in capsys.readouterr().err
 
 
 @pytest.mark.reliability

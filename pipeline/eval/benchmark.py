@@ -32,12 +32,17 @@ log = logging.getLogger(__name__)
 
 
 
-def load_source(source: dict[str, Any], device):
-    """The generator (eval mode) for a resolved model source."""
+def load_source(source: dict[str, Any], device, cfg: Config):
+    """The generator (eval mode) for a resolved model source: a run, a checkpoint, or a registered version (its
+    own weights, through MLflow)."""
     from pipeline.models import factory
 
     if source["kind"] == "run":
         generator, _ = factory.load_run_generator(source["uri"], device)
+    elif source["kind"] == "registered":
+        from pipeline.registry.mlflow_registry import load_version_generator
+
+        generator = load_version_generator(cfg, source["model_uri"], source["arch"], device)
     else:
         generator = factory.load_generator(source["uri"], source["arch"], device)
     return generator.eval()
@@ -78,7 +83,7 @@ class SampleWorker:
 
         ev = self.cfg.eval
         start = time.perf_counter()
-        generator = load_source(source, self.device)
+        generator = load_source(source, self.device, self.cfg)
         arch = source.get("arch") or {}
         batches = generate_batches(generator, n, ev.seed, ev.truncation, ev.batch_size, self.device,
                                    arch.get("style_dim"))

@@ -27,7 +27,8 @@ class BenchmarkError(ValueError):
 class ModelSpec:
     label: str  # the model's name in the results
     version: str  # registry version, else "" for a run or checkpoint
-    source: dict[str, Any]  # {"kind": "run", "uri"} or {"kind": "checkpoint", "uri", "arch"}
+    # {"kind": "run", "uri"}, {"kind": "checkpoint", "uri", "arch"} or {"kind": "registered", "model_uri", "arch"}
+    source: dict[str, Any]
     evalset: str | None
     category: str
     sketch_set: str
@@ -172,7 +173,9 @@ def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> Model
 def _from_registry(entry: dict[str, Any], resolved, cfg: Config) -> ModelSpec:
     meta = dict(resolved.metadata or {})
     arch = resolved.arch or _arch_of(meta)
-    if resolved.g_uri and arch:
+    if getattr(resolved, "model_uri", None) and arch:  # a registered version: its own weights, through MLflow
+        source = {"kind": "registered", "model_uri": resolved.model_uri, "arch": arch}
+    elif resolved.g_uri and arch:
         source = {"kind": "checkpoint", "uri": resolved.g_uri, "arch": arch}
     elif resolved.run_uri:
         source = {"kind": "run", "uri": resolved.run_uri}

@@ -34,11 +34,10 @@ def generate_images(cfg: Config, model: str, n: int, truncation: float = 1.0, se
         raise ValueError(f"--seed must be non-negative, got {seed}")
     psi = sampling.check_truncation(truncation, "--truncation")
     resolved = resolve_model(model, cfg)
-    arch = resolved.arch or factory.generator_kwargs(cfg.model)
     if resolved.arch is None:
         log.info("%s has no recorded architecture: using the model section of the config", model)
     device = device or factory.device_default()
-    G = factory.load_generator(resolved.g_uri, arch, device)
+    G = resolved.load_generator(cfg, device)
     if interpolate:
         return sampling.interpolate(G, seed, seed + 1, n, psi, device)
     return sampling.render(G, list(range(seed, seed + n)), [psi] * n, device)

@@ -2,11 +2,12 @@
 
 `register_run` turns a finished GANSketching run (read from storage) into a new version of
 ``<prefix>-<category>-<sketch set>``, logged as a pyfunc (see `pyfunc_model`) with lineage tags; registering the
-same run again returns the existing version. The pyfunc pickles a reference to
-`pipeline.registry.pyfunc_model.SketchGANModel`, so loading it needs the project installed (its pip requirements
-say so); the weights and metadata travel with the model. The alias ``champion`` (``registry.champion_alias``)
-points at the version with the lowest FID and moves only when another version is strictly better; while no
-version has an FID it follows the latest version.
+same run again returns the existing version. The pyfunc is logged from code (`pyfunc_entry`, no pickled
+object) with its own copy of the `pipeline` package, the weights and the run's metadata: a version is
+self-contained, and every consumer here (`generate`, the benchmark) reads its weights from the version's own
+artifacts through MLflow, never from the run's storage (which may be gone).
+The alias ``champion`` (``registry.champion_alias``) points at the version with the lowest FID and moves only
+when another version is strictly better; while no version has an FID it follows the latest version.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline import layout, storage
 from pipeline.config import Config
@@ -40,11 +43,21 @@ class ResolvedModel:
 
     name: str
     version: str  # registry version ("" for a run or checkpoint)
-    run_uri: str | None
-    g_uri: str | None
+    run_uri: str | None  # a registered version's: lineage only (its weights are the version's own)
+    g_uri: str | None  # the weights of a run or checkpoint; None for a registered version
     arch: dict[str, Any] | None
     metadata: dict[str, Any] = field(default_factory=dict)
     fid: float | None = None
+    model_uri: str | None = None  # ``models:/NAME/VERSION`` for a registered version
+
+    def load_generator(self, cfg: Config, device=None):
+        """The generator (eval mode): a registered version's from its own artifacts, else from ``g_uri``."""
+        from pipeline.models import factory
+
+        arch = self.arch or factory.generator_kwargs(cfg.model)
+        if self.model_uri:
+            return load_version_generator(cfg, self.model_uri, arch, device)
+        return factory.load_generator(self.g_uri, arch, device)
 
 
 def model_name(cfg: Config, category: str, sketch_set: str) -> str:
@@ -94,14 +107,16 @@ def update_champion(mlf, name: str, alias: str) -> str | None:
     return str(target.version)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `pipeline` package, logged with every version
+ARTIFACT_G, ARTIFACT_METADATA = "generator", "metadata"  # the pyfunc's artifact keys
+
+
 def _pip_requirements() -> list[str]:
+    """What the logged code imports, pinned at this environment's versions (the project itself travels as code)."""
     import importlib.metadata as md
 
-    from pipeline import __version__
-
-    # The pyfunc imports the project's `pipeline` package (the generator's code): it must be installed.
-    reqs = [f"sketchgan=={__version__}"]
-    for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "mlflow"):
+    reqs = []
+    for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "pillow", "mlflow"):
         try:
             reqs.append(f"{dist}=={md.version(dist).split('+')[0]}")
         except md.PackageNotFoundError:
@@ -135,7 +150,7 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
     """Log the pyfunc into the MLflow run; returns its model URI."""
     import mlflow
 
-    from pipeline.registry.pyfunc_model import SketchGANModel, input_example, signature
+    from pipeline.registry.pyfunc_model import input_example, signature
 
     with tempfile.TemporaryDirectory(prefix="sketchgan-model-") as tmp:
         d = Path(tmp)
@@ -144,8 +159,9 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
         meta_path.write_text(json.dumps(scrub(meta), indent=2, sort_keys=True, default=str))
         with tracking.activated(cfg), mlflow.start_run(run_id=mlflow_run_id):
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=SketchGANModel(),
-                artifacts={"generator": str(g_path), "metadata": str(meta_path)},
+                name=MODEL_ARTIFACT, python_model=str(PACKAGE_DIR / "registry" / "pyfunc_entry.py"),
+                code_paths=[str(PACKAGE_DIR)],
+                artifacts={ARTIFACT_G: str(g_path), ARTIFACT_METADATA: str(meta_path)},
                 signature=signature(int(meta["arch"]["size"])),
                 input_example=input_example(), pip_requirements=_pip_requirements())
     return info.model_uri
@@ -219,20 +235,56 @@ def set_version_fid(name: str, version: str | int, fid: float, cfg: Config) -> s
     return update_champion(mlf, name, cfg.registry.champion_alias)
 
 
+# -- a version's own artifacts ------------------------------------------------------------------------------
+def _download(cfg: Config, artifact_uri: str, dst: str) -> Path:
+    import mlflow
+
+    with tracking.activated(cfg):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
+
+
+def version_artifact(cfg: Config, model_uri: str, key: str, dst: str) -> Path:
+    """One of a registered version's pyfunc artifacts (``generator`` or ``metadata``), downloaded below ``dst``
+    through MLflow (the tracking server or store; no access to the run's storage needed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlmodel = yaml.safe_load(_download(cfg, f"{model_uri}/MLmodel", dst).read_text()) or {}
+        rel = mlmodel["flavors"]["python_function"]["artifacts"][key]["path"]
+    except MlflowException as exc:
+        raise LookupError(scrub_text(f"{model_uri}: cannot read the version's model "
+                                     f"({exc.message.splitlines()[0]})")) from None
+    except (KeyError, TypeError):
+        raise LookupError(f"{model_uri}: the version's model has no {key!r} artifact (not registered by sketchgan: "
+                          "`sketchgan train` registers its runs when registry.auto_register is on)") from None
+    return _download(cfg, f"{model_uri}/{rel}", dst)
+
+
+def version_metadata(cfg: Config, model_uri: str) -> dict[str, Any]:
+    """The run metadata logged with a registered version (architecture, config, sketch set, lineage)."""
+    with tempfile.TemporaryDirectory(prefix="sketchgan-version-") as d:
+        return json.loads(version_artifact(cfg, model_uri, ARTIFACT_METADATA, d).read_text())
+
+
+def load_version_generator(cfg: Config, model_uri: str, arch: dict[str, Any], device=None):
+    """A registered version's generator from its own weights (downloaded, loaded, then the download removed)."""
+    from pipeline.models import factory
+
+    with tempfile.TemporaryDirectory(prefix="sketchgan-version-") as d:
+        return factory.load_generator(str(version_artifact(cfg, model_uri, ARTIFACT_G, d)), arch, device)
+
+
 # -- resolving references -----------------------------------------------------------------------------------
-def _from_version(mlf, v) -> ResolvedModel:
+def _from_version(cfg: Config, v) -> ResolvedModel:
     tags = v.tags or {}
-    run_uri = tags.get(tracking.TAG_RUN_URI)
-    meta: dict[str, Any] = {}
-    finished = layout.finished_run(run_uri) if run_uri else None
-    if finished is not None:
-        meta = finished.metadata
+    model_uri = f"models:/{v.name}/{v.version}"
+    meta = version_metadata(cfg, model_uri)
     arch = meta.get("arch") or (json.loads(tags[TAG_ARCH]) if tags.get(TAG_ARCH) else None)
     fid = _fid_of(v)
     if fid is not None:
         meta = {**meta, "registry_fid": fid}
-    return ResolvedModel(name=v.name, version=str(v.version), run_uri=run_uri, g_uri=tags.get(TAG_G_URI),
-                         arch=arch, metadata=meta, fid=fid)
+    return ResolvedModel(name=v.name, version=str(v.version), run_uri=tags.get(tracking.TAG_RUN_URI), g_uri=None,
+                         arch=arch, metadata=meta, fid=fid, model_uri=model_uri)
 
 
 def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
@@ -261,7 +313,7 @@ def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
         except MlflowException as exc:
             raise LookupError(scrub_text(f"{ref}: not found in the registry at {mlf.tracking_uri} "
                                                   f"({exc.message.splitlines()[0]})")) from None
-        return _from_version(mlf, v)
+        return _from_version(cfg, v)
     if ref.endswith(".pth"):
         meta_uri = layout.checkpoint_metadata_uri(ref)
         meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
@@ -292,7 +344,7 @@ def list_champions(cfg: Config) -> list[ResolvedModel]:
     for m in _our_models(mlf, cfg):
         v = _alias_version(mlf, m.name, cfg.registry.champion_alias)
         if v is not None:
-            out.append(_from_version(mlf, v))
+            out.append(_from_version(cfg, v))
     return out
 
 
