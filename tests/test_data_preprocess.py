@@ -138,10 +138,13 @@ def test_preprocess_local_contract_bad_records_and_rerun(ray_local, lmdbs, tmp_p
     assert manifest["counts"] == {"rows_in": N + 10, "rows_out": N + 6, "errors": 4}
     assert manifest["sketcher"] == "edges:none" and manifest["input_fingerprint"]
 
-    # the same command again: the same rows, no duplicates, nothing left aside
+    # rows in the source's (LMDB key) order
+    assert pairs["source_key"].to_pylist() == sorted(keys, key=str.encode)
+
+    # the same command again: the same rows in the same order, no duplicates, nothing left aside
     assert main(args) == 0
     again = _pairs(str(out))
-    assert sorted(again["id"].to_pylist()) == sorted(pairs["id"].to_pylist())
+    assert again["id"].to_pylist() == pairs["id"].to_pylist()
     by_id = {r["id"]: r for r in again.to_pylist()}
     for row in pairs.to_pylist():
         assert by_id[row["id"]]["image"] == row["image"] and by_id[row["id"]]["sketch"] == row["sketch"]
