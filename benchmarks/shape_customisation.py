@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
           f"classifier held-out accuracy {held_out:.4f}, FID in its {classifier.feature_dim}-d penultimate features")
     print("| target | model | seed | " + " | ".join(f"share {c}" for c in SHAPES) +
           " | FID to real target | FID to all real | FID ratio to base | training wall time (s) |")
-    print("| --- " * (len(SHAPES) + 8) + "|")
+    print("| --- " * (len(SHAPES) + 7) + "|")  # 3 leading columns, one per shape, 4 trailing
     for target in targets:
         b = base_rows[target]
         print(f"| {target} | base | - | " + " | ".join(f"{b['shares'][c]:.3f}" for c in SHAPES) +
