@@ -239,6 +239,7 @@ def set_version_fid(name: str, version: str | int, fid: float, cfg: Config) -> s
 def _download(cfg: Config, artifact_uri: str, dst: str) -> Path:
     import mlflow
 
+    tracking.quiet_mlflow()  # also in Ray actors (the benchmark's samplers), which never made a client
     with tracking.activated(cfg):
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
 
