@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install lock clean
+.PHONY: demo test lint install lock services clean
 
 # The locked versions first (no resolver backtracking, the same set on every machine), then the project itself.
 $(STAMP): pyproject.toml requirements.lock
@@ -22,7 +22,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# What the tests start besides Python: PostgreSQL's server (tests/test_mlflow_production.py), from Debian's
+# packages when it is missing (needs root, as on CI).
+services:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: $(STAMP) lint services
 	$(VENV)/bin/python -m pytest
 
 # Resolve pyproject.toml's dependencies afresh in a scratch venv and write what was installed to requirements.lock.
