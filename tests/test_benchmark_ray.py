@@ -97,7 +97,7 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     from pipeline.registry import mlflow_registry
 
     name, version = mlflow_registry.register_run(cfg, run_a)
-    assert client.get_model_version_by_alias(name, cfg.registry.champion_alias).version == version
+    assert str(client.get_model_version_by_alias(name, cfg.registry.champion_alias).version) == version
     storage.delete(storage.join(run_a, "final", "G.pth"))
 
     # Second run through the CLI, over `champions` and run B: the reference statistics are reused, the
