@@ -206,6 +206,12 @@ def test_mlflow_down_at_registration_keeps_outputs_and_registration_reruns_later
         meta = storage.read_json(storage.join(spec.run_uri, "final", "metadata.json"))
         assert versions[0].tags["sketchgan.g_sha256"] == meta["g_sha256"]
         resolved = reg.resolve_model(f"models:/{name}@champion", cfg)
-        assert resolved.run_uri == spec.run_uri and resolved.g_uri == storage.join(spec.run_uri, "final", "G.pth")
+        # the run is the version's lineage; its weights are the version's own artifact, the run's G byte for byte
+        assert resolved.run_uri == spec.run_uri and resolved.model_uri == f"models:/{name}/1" and resolved.g_uri is None
+        own = resolved.load_generator(cfg, "cpu").state_dict()
+        from pipeline.models.checkpoints import load_state_dict
+
+        stored = load_state_dict(storage.join(spec.run_uri, "final", "G.pth"))
+        assert own.keys() == stored.keys() and all(torch.equal(own[k], stored[k]) for k in own)
     finally:
         server.stop()
