@@ -11,11 +11,12 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from s3_endpoint import free_port
 
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)  # newest major version first
 
@@ -32,12 +33,6 @@ def available() -> bool:
     return find_binary("initdb") is not None and find_binary("postgres") is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """`start()` initialises a cluster with a password-protected superuser and starts it on 127.0.0.1;
     `create_database(name)` adds a database; `url(name)` is its SQLAlchemy URL; `stop()` ends the server and
@@ -45,7 +40,7 @@ class PostgresServer:
 
     def __init__(self, user: str = "sketchgan"):
         self.user, self.password = user, secrets.token_hex(12)
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sketchgan-pg-"))
         self.data, self.log = self.dir / "data", self.dir / "server.log"
         self._proc: subprocess.Popen | None = None

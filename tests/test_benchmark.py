@@ -170,7 +170,8 @@ class _FakeRegistry:
             if evalset:
                 meta["evalset"] = evalset
             return SimpleNamespace(name=name, version=version, run_uri=f"/runs/{name}",
-                                   g_uri=f"/runs/{name}/final/G.pth", arch={"size": 32}, metadata=meta)
+                                   g_uri=f"/runs/{name}/final/G.pth", arch={"size": 32}, metadata=meta,
+                                   model_uri=None)
 
         self.models = {
             "sketchgan-cat-a": model("sketchgan-cat-a", 3, "cat", "a", "/evalsets/a"),

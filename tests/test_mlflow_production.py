@@ -40,7 +40,8 @@ def _get(url: str, host: str | None = None, auth: tuple[str, str] | None = None)
 @pytest.fixture(scope="module")
 def production_mlflow(s3_endpoint, tmp_path_factory):
     """PostgreSQL (a store database and an auth database) and `mlflow server --app-name basic-auth` on it."""
-    from mlflow_server import MlflowServer, _free_port
+    from mlflow_server import MlflowServer
+    from s3_endpoint import free_port
 
     pg = PostgresServer().start()
     server = None
@@ -52,7 +53,7 @@ def production_mlflow(s3_endpoint, tmp_path_factory):
                        f"database_uri = {auth_db}\nadmin_username = admin\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         admin_password = secrets.token_hex(12)
-        port = _free_port()
+        port = free_port()
         server = MlflowServer(
             work, s3_endpoint.env, s3_endpoint.new_bucket("mlflow-prod"), backend_store_uri=store, port=port,
             extra_args=["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],

@@ -173,7 +173,7 @@ def _spec(entry, label, version, source, meta, cfg, registry_name=None) -> Model
 def _from_registry(entry: dict[str, Any], resolved, cfg: Config) -> ModelSpec:
     meta = dict(resolved.metadata or {})
     arch = resolved.arch or _arch_of(meta)
-    if getattr(resolved, "model_uri", None) and arch:  # a registered version: its own weights, through MLflow
+    if resolved.model_uri and arch:  # a registered version: its own weights, through MLflow
         source = {"kind": "registered", "model_uri": resolved.model_uri, "arch": arch}
     elif resolved.g_uri and arch:
         source = {"kind": "checkpoint", "uri": resolved.g_uri, "arch": arch}
