@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors are ValueError/OSError subclasses that name the culprit; show them without a traceback.
         if args.verbose:
             raise
-        print(f"sketchgan {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, OSError) and str(exc).startswith("[Errno") and exc.filename is None:
+            # a system error from inside a library names no file: say where to look
+            hint = f" ({type(exc).__name__} without a file name; --verbose shows where it came from)"
+        print(f"sketchgan {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 1
     return int(rc or 0)
 

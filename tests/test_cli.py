@@ -57,3 +57,24 @@ def test_preprocess_sketch_precision_flag(capsys):
     with pytest.raises(SystemExit) as exc:  # argparse refuses a value outside the choices
         main(["preprocess", "--sketch-precision", "fp16"])
     assert exc.value.code == 2 and "--sketch-precision" in capsys.readouterr().err
+
+
+def test_a_system_error_without_a_file_name_says_where_to_look(monkeypatch, capsys):
+    from pipeline import cli
+
+    cmd = next(c for c in cli.COMMANDS if c.name == "pipeline")
+
+    def fails(cfg):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(cmd, "handler", fails)
+    assert main(["pipeline"]) == 1
+    err = capsys.readouterr().err
+    assert "error: [Errno 2] No such file or directory (FileNotFoundError without a file name; --verbose" in err
+
+    def names_it(cfg):
+        raise FileNotFoundError(2, "No such file or directory", "/data/x.pth")
+
+    monkeypatch.setattr(cmd, "handler", names_it)
+    assert main(["pipeline"]) == 1
+    assert capsys.readouterr().err.strip().endswith("No such file or directory: '/data/x.pth'")

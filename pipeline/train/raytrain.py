@@ -144,15 +144,17 @@ def _test_hooks_from_env() -> dict | None:
 
 
 def image_dataset(dataset_uri: str):
-    """A Ray Dataset of a preprocessed dataset's images. A small one is materialised in the object store once:
-    re-reading the files costs seconds per epoch, and an epoch of a small set is a few steps."""
+    """A preprocessed dataset's images: a small one as Arrow tables read here, on the driver (one per part file,
+    in order); a large one as a lazy Ray Dataset that streams from storage."""
+    import pyarrow.parquet as pq
     import ray.data
 
     pairs = layout.pairs_uri(dataset_uri)
+    entries = storage.list_entries(pairs, suffix=".parquet")
     fs, path = storage.filesystem(pairs)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["image"])
-    small = sum(e.size for e in storage.list_entries(pairs, suffix=".parquet")) <= MATERIALIZE_MAX_BYTES
-    return ds.materialize() if small else ds
+    if sum(e.size for e in entries) > MATERIALIZE_MAX_BYTES:
+        return ray.data.read_parquet(path, filesystem=fs, columns=["image"])
+    return [pq.read_table(e.path, filesystem=fs, columns=["image"]) for e in entries]
 
 
 def ray_storage(cfg: Config) -> dict[str, Any]:
@@ -165,8 +167,8 @@ def ray_storage(cfg: Config) -> dict[str, Any]:
 
 
 def prepare_run_inputs(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
-    """Each run's inputs in Ray, prepared on the driver before any trainer starts: read tasks then cannot starve
-    behind training workers that hold every CPU. Runs on the same dataset share one (cached) Ray Dataset."""
+    """Each run's inputs, prepared on the driver before any trainer starts: read tasks then cannot starve behind
+    training workers that hold every CPU. Runs on the same dataset share one read of it."""
     import ray
     import ray.data
 
@@ -174,13 +176,17 @@ def prepare_run_inputs(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
     ctx.execution_options.preserve_order = True  # the same stream on every attempt: bit-exact resume
     ctx.enable_progress_bars = False
     images: dict[str, Any] = {}
+    parts: dict[tuple[str, int], tuple[dict[str, Any], bool]] = {}
     out = {}
     for plan in plans:
         data: dict[str, Any] = {}
         if plan.dataset_uri is not None:
             if plan.dataset_uri not in images:
                 images[plan.dataset_uri] = image_dataset(plan.dataset_uri)
-            data["images"] = images[plan.dataset_uri]
+            key = (plan.dataset_uri, plan.spec.section.num_workers)
+            if key not in parts:
+                parts[key] = image_datasets(images[plan.dataset_uri], key[1])
+            data["images"] = parts[key]
         if plan.sketch_set is not None:
             data["sketches"] = ray.put(plan.sketch_set.blobs)
         out[plan.run_name] = data
@@ -190,19 +196,29 @@ def prepare_run_inputs(plans: list[RunPlan]) -> dict[str, dict[str, Any]]:
 def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
     """Ray Train's ``datasets`` for a run's real images, and whether they come one part per rank.
 
-    A streaming split starts a new execution of the dataset at every epoch, driven by a coordinator actor (one
-    more process beside training). A materialised dataset (`image_dataset`) is instead split once, on the
-    driver, into equal parts: rank r reads ``images_<r>`` straight from the object store, with no coordinator.
-    (Not measurably faster on a two-core CPU machine: see benchmarks/README.md.)
+    A lazy dataset goes as a streaming split: each epoch re-reads storage, driven by a coordinator actor (one
+    more process beside training). Small ones (`image_dataset`'s tables) are instead cut here into equal
+    contiguous parts, one per rank (``images_<r>``, the remainder dropped), and put into the object store by
+    this driver: their only copy then lives on the driver's node, so losing another node loses no images
+    (blocks made by tasks there would be lost with it, and a restarted worker would wait for them forever).
     """
-    from ray.data.dataset import MaterializedDataset
+    import pyarrow as pa
+    import ray.data
 
     if images is None:
         return {}, False
-    if not isinstance(images, MaterializedDataset):
+    if isinstance(images, ray.data.Dataset):
         return {"images": images}, False
-    parts = images.split(num_workers, equal=True) if num_workers > 1 else [images]
-    return {f"images_{rank}": part for rank, part in enumerate(parts)}, True
+    whole = pa.concat_tables(images)
+    n = whole.num_rows // num_workers
+    if n == 0:
+        raise ValueError(f"{whole.num_rows} real images cannot be split among {num_workers} workers")
+    parts = {}
+    for rank in range(num_workers):
+        # keep the part files' chunks as blocks: the same batches, shuffled the same way, as a streamed read
+        blocks = [pa.Table.from_batches([b]) for b in whole.slice(rank * n, n).to_batches() if b.num_rows]
+        parts[f"images_{rank}"] = ray.data.from_arrow(blocks)
+    return parts, True
 
 
 def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = None):
@@ -215,7 +231,7 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
 
     spec = plan.spec
     run = spec.section
-    datasets, per_rank = image_datasets(data.get("images"), run.num_workers)
+    datasets, per_rank = data.get("images") or ({}, False)
     resources: dict[str, float] = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = run.gpus_per_worker or 1.0  # fractional: several small fine-tunes share one GPU
@@ -225,7 +241,7 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=run.placement_strategy),
         torch_config=torch_config_for(run.num_workers),
         run_config=RunConfig(
             # a fresh Ray Train run per launch: our checkpoints, not Ray's, carry state across launches
