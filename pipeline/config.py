@@ -168,8 +168,7 @@ class RunSettings(Section):
     sample_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
     max_failures: int = Field(3, ge=0)
-    # how Ray places a run's workers: PACK fills few nodes (fast collectives); SPREAD puts them on different
-    # nodes where it can (a lost node then stops fewer workers); STRICT_* refuse to start otherwise
+    # PACK: few nodes (fast collectives); SPREAD: different nodes where it can (a lost node stops fewer workers)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
