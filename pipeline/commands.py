@@ -129,10 +129,31 @@ def models_list_command(cfg: Config) -> int:
 
 
 def generate_command(cfg: Config, model: str, out: str, n: int = 16, truncation: float = 1.0, seed: int = 0,
-             interpolate: bool = False) -> int:
-    from pipeline.registry.generate import write_images
+                     interpolate: bool = False, edits: list[str] | None = None, ganspace: str | None = None,
+                     compare: bool = False, latent: str | None = None) -> int:
+    from pipeline.registry.generate import GenerateRequest, write_images
 
-    print(write_images(cfg, model, out, n=n, truncation=truncation, seed=seed, interpolate=interpolate))
+    req = GenerateRequest(model=model, n=n, truncation=truncation, seed=seed, interpolate=interpolate,
+                          edits=list(edits or []), ganspace=ganspace, compare=compare, latent=latent)
+    print(write_images(cfg, req, out))
+    return 0
+
+
+def blend_command(cfg: Config, a: str, b: str, space: str = "weights", steps: int = 5, out: str | None = None,
+                  n: int = 4, seed: int = 0, truncation: float = 1.0, alpha: float | None = None,
+                  register: bool = False) -> int:
+    from pipeline.edit.blend import run_blend
+
+    for line in run_blend(cfg, a, b, space, steps, out, n, seed, truncation, alpha, register):
+        print(line)
+    return 0
+
+
+def ganspace_compute_command(cfg: Config, base: str, samples: int, components: int | None = None,
+                             seed: int = 0x6A5, force: bool = False) -> int:
+    from pipeline.edit.bases import compute_components
+
+    print(compute_components(cfg, base, samples, components, seed, force))
     return 0
 
 

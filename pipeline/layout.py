@@ -14,6 +14,8 @@ readers for them. No other module spells these names.
 <root>/ray-train/             Ray Train's own (small) state
 <root>/mlflow/                the embedded MLflow store (local roots only)
 <root>/synthetic/             generated LSUN-format data for the demo and tests
+<base folder>/                G.pth, D.pth, metadata.json, ganspace-<sha12>.npz (GANSpace components of the
+                              G.pth whose sha256 starts with <sha12>)
 ```
 
 A multi-file artefact is complete when its marker exists (``manifest.json``, or ``final/metadata.json`` for a
@@ -167,6 +169,13 @@ def final_uri(run: str, name: str | None = None) -> str:
 
 def final_metadata_uri(run: str) -> str:
     return join(run, FINAL, FINAL_METADATA)
+
+
+def ganspace_uri(base_g_uri: str, base_g_sha256: str) -> str:
+    """GANSpace components of a base generator, beside it and named by its content hash (stale files for other
+    weights are never picked up)."""
+    folder = base_g_uri.rsplit("/", 1)[0] if "/" in base_g_uri else "."
+    return join(folder, f"ganspace-{base_g_sha256[:12]}.npz")
 
 
 def checkpoint_metadata_uri(g_uri: str) -> str:

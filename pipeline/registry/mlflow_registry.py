@@ -135,6 +135,8 @@ def _lineage_tags(meta: dict, run_uri: str, g_uri: str) -> dict[str, str]:
     fid = meta.get("fid")
     if isinstance(fid, int | float) and math.isfinite(fid):
         tags[TAG_FID] = repr(float(fid))
+    if meta.get("blend"):  # a blend's parents, alpha and space (pipeline.edit.blend)
+        tags["sketchgan.blend"] = scrub_text(json.dumps(meta["blend"], sort_keys=True))[:tracking.TAG_MAX]
     return tags
 
 
@@ -179,7 +181,7 @@ def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
     meta = _finished_metadata(run_uri)
     sketch = (meta.get("sketch_set") or {}).get("name")
     category = meta.get("category") or ((meta.get("config") or {}).get("data") or {}).get("category")
-    if meta.get("kind") != "train" or not sketch or not category:
+    if meta.get("kind") not in ("train", "blend") or not sketch or not category:
         raise ValueError(f"run {run_uri} is not a customisation run (kind {meta.get('kind')!r}, sketch set "
                          f"{sketch!r}, category {category!r}): only GANSketching runs are registered")
     name = model_name(cfg, category, sketch)
@@ -289,7 +291,8 @@ def _from_version(cfg: Config, v) -> ResolvedModel:
 
 
 def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
-    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``), a run URI or a G checkpoint URI."""
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``), a finished run, a base folder (``G.pth``
+    beside its ``metadata.json``) or a G checkpoint URI."""
     from mlflow.exceptions import MlflowException
 
     ref = ref.strip()
@@ -324,8 +327,12 @@ def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
                              metadata=meta, fid=meta.get("fid"))
     run = layout.finished_run(ref)
     if run is None:
+        folder_g = storage.join(ref, layout.G_FILE)
+        if storage.exists(folder_g):  # a base folder (G.pth and its metadata.json), e.g. the committed toy base
+            return resolve_model(folder_g, cfg)
         raise FileNotFoundError(f"{ref}: not a registered model (models:/...), a finished run (no "
-                                f"{layout.final_metadata_uri('')}) or a .pth checkpoint")
+                                f"{layout.final_metadata_uri('')}), a base folder (no {layout.G_FILE}) or a .pth "
+                                "checkpoint")
     meta = run.metadata
     return ResolvedModel(name=meta.get("run_name") or ref.rstrip("/").rsplit("/", 1)[-1], version="", run_uri=ref,
                          g_uri=run.g_uri, arch=meta.get("arch"), metadata=meta,
