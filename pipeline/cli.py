@@ -126,6 +126,18 @@ COMMANDS: list[Command] = [
                 to_arg("--register", arg="register", action="store_true",
                        help="with --alpha and --space weights: register the blend as a model version"),
             ]),
+    Command("project", "invert an image into a base model's latent space (latent.pt, reconstruction.png)",
+            commands.project_command, [
+                to_arg("--image", arg="image", required=True, help="the photo or drawing (path or URI)"),
+                to_arg("--base", arg="base", required=True, help="the model to project into (usually the base)"),
+                to_arg("--out", arg="out", required=True, help="output folder"),
+                to_arg("--steps", arg="steps", type=int, default=1000, help="optimisation steps"),
+                to_arg("--space", arg="space", choices=["w", "w+", "z"], default="w+",
+                       help="latent space (z: to render through mapping-customised models)"),
+                to_arg("--vgg-weights", arg="vgg_weights",
+                       help="torchvision vgg16 state dict: perceptual distance (default: pixel distance)"),
+                to_arg("--seed", arg="seed", type=int, default=0, help="noise seed"),
+            ]),
     Command("ganspace", "compute GANSpace components of a base generator's W space (stored beside the base)",
             commands.ganspace_compute_command, [
                 to_arg("--base", arg="base", required=True, help="base folder, G checkpoint, run or models:/..."),

@@ -149,6 +149,16 @@ def blend_command(cfg: Config, a: str, b: str, space: str = "weights", steps: in
     return 0
 
 
+def project_command(cfg: Config, image: str, base: str, out: str, steps: int = 1000, space: str = "w+",
+                    vgg_weights: str | None = None, seed: int = 0) -> int:
+    from pipeline.edit.projection import ProjectSettings, run_project
+
+    for line in run_project(cfg, image, base, out, ProjectSettings(steps=steps, space=space, seed=seed),
+                            vgg_weights):
+        print(line)
+    return 0
+
+
 def ganspace_compute_command(cfg: Config, base: str, samples: int, components: int | None = None,
                              seed: int = 0x6A5, force: bool = False) -> int:
     from pipeline.edit.bases import compute_components

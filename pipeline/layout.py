@@ -171,6 +171,9 @@ def final_metadata_uri(run: str) -> str:
     return join(run, FINAL, FINAL_METADATA)
 
 
+PROJECTED_LATENT, RECONSTRUCTION, PROJECTION_COMPARE = "latent.pt", "reconstruction.png", "compare.png"
+
+
 def ganspace_uri(base_g_uri: str, base_g_sha256: str) -> str:
     """GANSpace components of a base generator, beside it and named by its content hash (stale files for other
     weights are never picked up)."""

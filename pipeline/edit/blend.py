@@ -110,8 +110,8 @@ def check_alpha(alpha: float) -> float:
 
 
 def publish_blend(cfg: Config, pa: Parent, pb: Parent, alpha: float, space: str) -> str:
-    """Write the weight blend at α as a finished run (``final/G.pth`` and metadata naming both parents, α and
-    the space) so that the registry takes it like any customisation; returns the run's URI."""
+    """Write the weight blend at α as a finished run (its final G and metadata naming both parents, α and the
+    space) so that the registry takes it like any customisation; returns the run's URI."""
     from pipeline.models.checkpoints import to_bytes
 
     if space != "weights":

@@ -35,7 +35,7 @@ class GenerateRequest:
     edits: list[str] = field(default_factory=list)  # COMP:SCALAR:FIRST-LAST
     ganspace: str | None = None  # a components npz; default: the one beside the model's base
     compare: bool = False  # edits: a row without them above the row with them, same latents
-    latent: str | None = None  # a `sketchgan project` latent.pt, rendered instead of seeds
+    latent: str | None = None  # a latent written by `sketchgan project`, rendered instead of seeds
 
 
 def _check(req: GenerateRequest) -> None:

@@ -291,8 +291,8 @@ def _from_version(cfg: Config, v) -> ResolvedModel:
 
 
 def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
-    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``), a finished run, a base folder (``G.pth``
-    beside its ``metadata.json``) or a G checkpoint URI."""
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``), a finished run, a base folder (a G
+    checkpoint beside its metadata, as `layout` names them) or a G checkpoint URI."""
     from mlflow.exceptions import MlflowException
 
     ref = ref.strip()
@@ -328,7 +328,7 @@ def resolve_model(ref: str, cfg: Config) -> ResolvedModel:
     run = layout.finished_run(ref)
     if run is None:
         folder_g = storage.join(ref, layout.G_FILE)
-        if storage.exists(folder_g):  # a base folder (G.pth and its metadata.json), e.g. the committed toy base
+        if storage.exists(folder_g):  # a base folder (G and its metadata), e.g. the committed toy base
             return resolve_model(folder_g, cfg)
         raise FileNotFoundError(f"{ref}: not a registered model (models:/...), a finished run (no "
                                 f"{layout.final_metadata_uri('')}), a base folder (no {layout.G_FILE}) or a .pth "
