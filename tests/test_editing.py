@@ -35,9 +35,9 @@ def cfg(tmp_path) -> Config:
 
 @pytest.fixture
 def base(tmp_path) -> str:
-    """A copy of the committed base folder (components get written beside it)."""
+    """A copy of the committed base folder without its components (the tests write them)."""
     out = tmp_path / "base"
-    shutil.copytree(BASE, out)
+    shutil.copytree(BASE, out, ignore=shutil.ignore_patterns("ganspace-*.npz"))
     return str(out)
 
 
@@ -142,9 +142,19 @@ def test_compute_beside_the_base_then_edit_a_customised_model(cfg, base, tmp_pat
     assert np.array_equal(before, sampling.render(G, [0], [1.0], "cpu")[0])  # the unedited row: plain seeds
     assert np.abs(grid[36:68, 2:34].astype(int) - before).mean() > 2  # the edited row differs
     # no components for a base: the message says how to make them
-    other = customised(cfg, str(BASE), "elsewhere", seed=2)
+    bare = tmp_path / "bare"
+    shutil.copytree(BASE, bare, ignore=shutil.ignore_patterns("ganspace-*.npz"))
+    other = customised(cfg, str(bare), "elsewhere", seed=2)
     assert cli.main(["generate", "--model", other, "--edit", "0:1:0-1", "--out", str(tmp_path / "x.png")]) == 1
     assert "sketchgan ganspace compute --base" in capsys.readouterr().err
+
+
+def test_the_committed_base_ships_its_components(tmp_path):
+    """`generate --edit` works on the toy base and its customisations out of the box."""
+    sha = sha256_of(BASE / "G.pth")
+    c = ganspace.load(layout.ganspace_uri(str(BASE / "G.pth"), sha))
+    assert c.comp.shape == (ARCH["style_dim"], ARCH["style_dim"])
+    assert torch.allclose(c.comp @ c.comp.T, torch.eye(ARCH["style_dim"]), atol=1e-4)
 
 
 def test_n_one_writes_exactly_one_image_without_a_frame(base, tmp_path):
