@@ -284,3 +284,32 @@ def test_vgg_distance_loads_torchvision_weights_and_refuses_others(base, tmp_pat
     save_state_dict({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="wrong.pth: not torchvision's vgg16 state dict"):
         projection.VGGDistance(str(tmp_path / "wrong.pth"))
+
+
+def test_pyfunc_consumers_get_edits_through_params(cfg, base, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from pipeline.registry import tracking
+    from pipeline.registry.mlflow_registry import register_run
+
+    assert cli.main(["ganspace", "compute", "--base", base, "--samples", "3000"]) == 0
+    run = customised(cfg, base, "withcomps", seed=1)
+    name, version = register_run(cfg, run)
+    bare = tmp_path / "bare"
+    shutil.copytree(BASE, bare, ignore=shutil.ignore_patterns("ganspace-*.npz"))
+    name2, version2 = register_run(cfg, customised(cfg, str(bare), "nocomps", seed=2))
+    with tracking.activated(cfg):
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        plain = model.predict(pd.DataFrame({"seed": [4, 5], "truncation": [0.7, 1.0]}))
+        edited = model.predict(pd.DataFrame({"seed": [4, 5], "truncation": [0.7, 1.0]}),
+                               params={"edits": "0:3:0-3; 2:-1.5:4-7"})
+        other = mlflow.pyfunc.load_model(f"models:/{name2}/{version2}")
+        with pytest.raises(Exception, match="registered without its base's GANSpace components"):
+            other.predict(pd.DataFrame({"seed": [1]}), params={"edits": "0:1:0-1"})
+    G = generator(layout.final_uri(run, layout.G_FILE))
+    comps = ganspace.load(layout.ganspace_uri(f"{base}/G.pth", sha256_of(f"{base}/G.pth")))
+    edits = [ganspace.parse_edit("0:3:0-3"), ganspace.parse_edit("2:-1.5:4-7")]
+    assert np.array_equal(plain, sampling.render(G, [4, 5], [0.7, 1.0], "cpu"))
+    assert np.array_equal(edited, ganspace.render_edited(G, [4, 5], [0.7, 1.0], edits, comps, "cpu"))
+    assert not np.array_equal(edited, plain)

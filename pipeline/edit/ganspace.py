@@ -160,3 +160,19 @@ def apply(w_plus: torch.Tensor, edits: list[Edit], c: Components) -> torch.Tenso
         shift = c.comp[e.component].to(out) * (e.scalar * float(c.stdev[e.component]))
         out[:, e.first:e.last + 1, :] += shift
     return out
+
+
+@torch.no_grad()
+def render_edited(G: torch.nn.Module, seeds: list[int], psi: list[float], edits: list[Edit], c: Components, device,
+                  centre: torch.Tensor | None = None) -> np.ndarray:
+    """`sampling.render` with ``edits`` applied to each seed's W+ before its truncation (uint8 N x H x W x 3)."""
+    from pipeline.models import sampling
+
+    check_edits(edits, c, G.n_latent, G.style_dim)
+    w = G.get_latent(sampling.latents_for_seeds(seeds, G.style_dim).to(device))
+    w_plus = apply(w[:, None, :].repeat(1, G.n_latent, 1), edits, c)
+    if any(p < 1 for p in psi):
+        centre = (sampling.mean_w(G, device) if centre is None else centre)[:, None, :]
+        p = torch.tensor(psi, dtype=w_plus.dtype, device=device)[:, None, None]
+        w_plus = centre + p * (w_plus - centre)
+    return sampling.synthesize(G, w_plus)

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from pipeline import storage
 from pipeline.config import Config
@@ -76,20 +75,10 @@ def generate_images(cfg: Config, req: GenerateRequest, device=None) -> tuple[np.
     if not edits:
         return sampling.render(G, seeds, [psi] * req.n, device), None
     comps = bases.components_for(resolved, req.ganspace)
-    ganspace.check_edits(edits, comps, G.n_latent, G.style_dim)
-    with torch.no_grad():
-        w = G.get_latent(sampling.latents_for_seeds(seeds, G.style_dim).to(device))
-        w_plus = w[:, None, :].repeat(1, G.n_latent, 1)
-        centre = sampling.mean_w(G, device)[:, None, :] if psi < 1 else None
-
-        def truncate(x: torch.Tensor) -> torch.Tensor:
-            return x if centre is None else centre + psi * (x - centre)
-
-        after = sampling.synthesize(G, truncate(ganspace.apply(w_plus, edits, comps)))
-        if not req.compare:
-            return after, None
-        before = sampling.synthesize(G, truncate(w_plus))
-    return np.concatenate([before, after]), req.n
+    after = ganspace.render_edited(G, seeds, [psi] * req.n, edits, comps, device)
+    if not req.compare:
+        return after, None
+    return np.concatenate([sampling.render(G, seeds, [psi] * req.n, device), after]), req.n
 
 
 def write_images(cfg: Config, req: GenerateRequest, out: str) -> str:

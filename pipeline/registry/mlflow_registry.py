@@ -108,7 +108,7 @@ def update_champion(mlf, name: str, alias: str) -> str | None:
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `pipeline` package, logged with every version
-ARTIFACT_G, ARTIFACT_METADATA = "generator", "metadata"  # the pyfunc's artifact keys
+ARTIFACT_G, ARTIFACT_METADATA, ARTIFACT_GANSPACE = "generator", "metadata", "ganspace"  # the pyfunc's artifacts
 
 
 def _pip_requirements() -> list[str]:
@@ -159,11 +159,16 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
         g_path = storage.download_file(layout.final_uri(run_uri, layout.G_FILE), d / layout.G_FILE)
         meta_path = d / layout.FINAL_METADATA
         meta_path.write_text(json.dumps(scrub(meta), indent=2, sort_keys=True, default=str))
+        artifacts = {ARTIFACT_G: str(g_path), ARTIFACT_METADATA: str(meta_path)}
+        if meta.get("base_g") and meta.get("base_g_sha256"):  # the base's GANSpace components, for edits
+            components = layout.ganspace_uri(str(meta["base_g"]), str(meta["base_g_sha256"]))
+            if storage.exists(components):
+                artifacts[ARTIFACT_GANSPACE] = str(storage.download_file(components, d / "ganspace.npz"))
         with tracking.activated(cfg), mlflow.start_run(run_id=mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(PACKAGE_DIR / "registry" / "pyfunc_entry.py"),
                 code_paths=[str(PACKAGE_DIR)],
-                artifacts={ARTIFACT_G: str(g_path), ARTIFACT_METADATA: str(meta_path)},
+                artifacts=artifacts,
                 signature=signature(int(meta["arch"]["size"])),
                 input_example=input_example(), pip_requirements=_pip_requirements())
     return info.model_uri

@@ -4,6 +4,9 @@ Model contract (the logged signature):
 
 * input: a pandas DataFrame with an integer column ``seed`` (one image per row) and an optional float column
   ``truncation`` (ψ in (0, 1]; missing or NaN means 1.0, no truncation);
+* params (optional): ``edits``, a string of GANSpace edits ``COMP:SCALAR:FIRST-LAST`` separated by ``;``,
+  applied to every row as `sketchgan generate --edit` does, with the base's components logged with the version
+  (artifact ``ganspace``; a version registered without them refuses edits, saying so);
 * output: a numpy ``uint8`` array of shape ``(rows, H, W, 3)``, RGB.
 
 An image is a pure function of (weights, seed, ψ): the latent of a row comes from its own seeded RNG, the
@@ -27,11 +30,12 @@ MAX_ROWS = 4096  # per predict() call: keeps one request from exhausting memory
 def signature(size: int):
     """The logged signature: seeds (+ optional ψ) in, uint8 N x size x size x 3 images out."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     inputs = Schema([ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)])
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), name="images")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema([ParamSpec("edits", "string", "")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def input_example():
@@ -89,9 +93,23 @@ class SketchGANModel(_PythonModel):
         load_into(G, load_state_dict(context.artifacts["generator"]), source="model artifact generator")
         self.G = G.to(self.device).eval().requires_grad_(False)
         self._centre = None
+        self.components = None
+        if context.artifacts.get("ganspace"):
+            from pipeline.edit import ganspace
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+            self.components = ganspace.load(context.artifacts["ganspace"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         seeds, psi = parse_input(model_input)
         if self._centre is None and any(p < 1 for p in psi):
             self._centre = mean_w(self.G, self.device)
-        return render(self.G, seeds, psi, self.device, self._centre)
+        edits = [e for e in str((params or {}).get("edits") or "").split(";") if e.strip()]
+        if not edits:
+            return render(self.G, seeds, psi, self.device, self._centre)
+        from pipeline.edit import ganspace
+
+        if self.components is None:
+            raise ValueError("params 'edits': this version was registered without its base's GANSpace components "
+                             "(run `sketchgan ganspace compute --base BASE`, then register again)")
+        return ganspace.render_edited(self.G, seeds, psi, [ganspace.parse_edit(e) for e in edits],
+                                      self.components, self.device, self._centre)
