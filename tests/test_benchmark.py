@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,8 @@ from pipeline.eval.features import RandConvExtractor
 from pipeline.eval.fid import extract_features, feature_statistics
 from pipeline.eval.models import BenchmarkError, resolve_models
 from pipeline.eval.refstats import EvalSetError, evalset_id, reference_stats
+
+REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(2)
 
@@ -278,3 +282,12 @@ def test_the_baseline_is_scored_once_per_evaluation_set(tmp_path):
         ("base", "/e/a", "a", 8, True), ("base", "/e/b", "b", cfg.eval.n_samples, True)]
     with pytest.raises(BenchmarkError, match="eval.baseline: name one model"):
         resolve_baseline(with_overrides(cfg, ["eval.baseline=champions"]), resolve_models(cfg))
+
+
+def test_a_base_folder_is_a_model_too(tmp_path):
+    """The committed toy base's folder (G.pth beside metadata.json), as `generate` and `blend` take it."""
+    base = REPO / "benchmarks" / "assets" / "shapes_base"
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path}", f"eval.models=[{{model: {base}, evalset: /e}}]"])
+    [spec] = resolve_models(cfg)
+    arch = json.loads((base / "metadata.json").read_text())["arch"]
+    assert spec.source == {"kind": "checkpoint", "uri": f"{base}/G.pth", "arch": arch}

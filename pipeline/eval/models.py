@@ -127,6 +127,9 @@ def _evalset_for(entry: dict[str, Any], meta: dict[str, Any], sketch_set: str | 
 
 def _from_uri(entry: dict[str, Any], cfg: Config) -> ModelSpec:
     uri = entry["model"].rstrip("/")
+    if not uri.endswith(CHECKPOINT_SUFFIXES) and layout.finished_run(uri) is None and \
+            storage.exists(storage.join(uri, layout.G_FILE)):
+        uri = storage.join(uri, layout.G_FILE)  # a base folder: its G beside its metadata
     if uri.endswith(CHECKPOINT_SUFFIXES):
         if not storage.exists(uri):
             raise BenchmarkError(f"{entry['_where']}.model {uri}: no such checkpoint")
