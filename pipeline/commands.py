@@ -150,11 +150,11 @@ def blend_command(cfg: Config, a: str, b: str, space: str = "weights", steps: in
 
 
 def project_command(cfg: Config, image: str, base: str, out: str, steps: int = 1000, space: str = "w+",
-                    vgg_weights: str | None = None, seed: int = 0) -> int:
+                    vgg_weights: str | None = None, lpips_weights: str | None = None, seed: int = 0) -> int:
     from pipeline.edit.projection import ProjectSettings, run_project
 
     for line in run_project(cfg, image, base, out, ProjectSettings(steps=steps, space=space, seed=seed),
-                            vgg_weights):
+                            vgg_weights, lpips_weights):
         print(line)
     return 0
 

@@ -19,8 +19,7 @@ DEFAULT_ROOT = ".sketchgan"
 
 
 def absolute_location(v: str | None) -> str | None:
-    """A local path made absolute (URIs with a scheme unchanged): Ray workers run in other working directories,
-    so a relative location must mean the caller's folder."""
+    """A local path made absolute (URIs unchanged): Ray workers run elsewhere, relative means the caller's."""
     if not v or "://" in v:
         return v
     return os.path.abspath(os.path.expanduser(v))
@@ -41,8 +40,7 @@ class StorageConfig(Section):
     """Where everything is read and written: a local folder or ``s3://bucket/prefix``."""
 
     root: Location = Field(DEFAULT_ROOT, validate_default=True)
-    # S3 retries (exponential backoff inside boto3/pyarrow) are set per process by SKETCHGAN_S3_MAX_ATTEMPTS
-    # (default 8), so that Ray workers, which read no config of their own, retry alike.
+    # S3 retries: SKETCHGAN_S3_MAX_ATTEMPTS per process (default 8), so Ray workers retry alike
 
 
 class SketchSetSpec(Section):
@@ -53,11 +51,10 @@ class SketchSetSpec(Section):
     from_dir: Location | None = None  # folder/prefix of drawings to create it from when missing
     from_ids: Location | None = None  # file of dataset ids to create it from when missing
     evalset: Location | None = None  # evaluation set (Parquet of real images) for FID
-    # a file of dataset ids (one per line) to make the evaluation set from, when none is given: real images known
-    # to show what the sketches show; default: the dataset's images whose sketches are nearest the set's
+    # dataset ids (a file, one per line) to make the evaluation set from; default: images whose sketches are nearest
     evalset_ids: Location | None = None
-    # the class its sketches show, as eval.classifier names it: the benchmark reports the share of samples of
-    # that class (target_share) for the models customised from this set and for the base
+    # the class its sketches show (eval.classifier's name): the benchmark reports target_share, that class's
+    # share of samples, for the models customised from this set and for the base
     target_class: str | None = None
 
     @field_validator("name")
@@ -82,8 +79,7 @@ class DataConfig(Section):
     num_actors: int | None = Field(None, ge=1)  # sketch actors; default one per GPU, else one per node
     actor_threads: int | None = Field(None, ge=1)  # torch threads per sketch actor; default the node's CPUs
     network_batch: int = Field(8, ge=1, le=1024)  # images per sketch-network call inside a batch
-    # dtype of the PhotoSketch network while preprocessing: auto = bf16 on GPUs and on CPUs with bf16 matrix
-    # units (AMX / AVX-512 BF16), else fp32; bf16 sketches differ from fp32's by ~2 grey levels on average
+    # PhotoSketch's dtype: auto = bf16 on GPUs and CPUs with bf16 matrix units (AMX / AVX-512 BF16), else fp32
     sketch_precision: Literal["auto", "fp32", "bf16"] = "auto"
     rows_per_file: int = Field(2048, ge=1)  # rows per Parquet file of pairs (at least; per write task)
 
@@ -140,9 +136,8 @@ class ObjectiveSettings(GANSettings):
 
     lambda_image: float = Field(0.7, ge=0)
     lambda_weight: float = Field(0.0, ge=0)
-    # per-network learning rates; None = lr, as in the paper (one rate for all networks). The mapping network's
-    # weights carry StyleGAN2's 0.01 multiplier (model.lr_mlp): lr_mapping = lr / lr_mlp makes them move as fast
-    # as the synthesis network's.
+    # per-network rates; None = lr (the paper). The mapping carries StyleGAN2's 0.01 multiplier (model.lr_mlp):
+    # lr_mapping = lr / lr_mlp moves it as fast as the synthesis network
     lr_mapping: float | None = Field(None, gt=0)
     lr_d: float | None = Field(None, gt=0)
     gan_loss: Literal["softplus", "hinge", "lsgan"] = "softplus"
@@ -194,8 +189,7 @@ class TrainConfig(ObjectiveSettings, RunSettings):
     iterations: int = Field(1000, ge=1)
     batch_size: int = Field(4, ge=1)
     dsketch_init: Literal["base", "random"] = "base"
-    # not part of GANSketching (0 = off, the paper): publish a running average of G with this half-life in
-    # thousands of images, which damps the wander of a high learning rate
+    # not in GANSketching (0 = off): publish a running average of G (half-life in kimg; damps a high rate)
     ema_half_life_kimg: float = Field(0.0, ge=0)
     max_concurrent_runs: int = Field(4, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -255,6 +249,8 @@ class RegistryConfig(Section):
     model_prefix: str = "sketchgan"
     auto_register: bool = True  # register each finished customisation
     champion_alias: str = "champion"
+    # which generator of a run a version holds: its best by validation FID (when measured), or its last
+    checkpoint: Literal["best", "last"] = "best"
 
     @field_validator("model_prefix")
     @classmethod
@@ -266,16 +262,15 @@ class EvalConfig(Section):
     """FID/KID benchmarking."""
 
     models: list[dict[str, Any]] = Field(default_factory=list)
-    # a model (same forms as eval.models[].model, e.g. the base) scored on every evaluation set of eval.models:
-    # each row then carries fid_base, the baseline's FID on the row's own evaluation set
+    # a model (as eval.models[].model, e.g. the base) scored on each evaluation set: rows gain fid_base etc.
     baseline: str | None = None
     n_samples: int = Field(1000, ge=2)
     batch_size: int = Field(50, ge=1)
-    # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (small seeded net for tests), "classifier"
-    # (eval.classifier's penultimate features) or "package.module:factory" returning an nn.Module / FeatureExtractor.
+    # "inception" (clean-fid's 2015-12-05 TF Inception), "randconv" (seeded, for tests), "classifier" (its
+    # penultimate features) or "package.module:factory" returning an nn.Module / FeatureExtractor.
     feature_extractor: str = "inception"
-    # a classifier of the category's images (`pipeline.eval.shape_classifier` format): each row whose sketch set
-    # has a target_class gains target_share, the share of its samples classified as that class
+    # a classifier of the category's images (`pipeline.eval.shape_classifier`): rows whose sketch set has a
+    # target_class gain target_share, the share of samples classified as that class
     classifier: Location | None = None
     inception_weights: Location | None = None  # path or URI of inception-2015-12-05.pt; default clean-fid's cache
     inception_download: bool = True  # try clean-fid's download URL (short timeout) when not cached
@@ -288,6 +283,11 @@ class EvalConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     resize_threads: int | None = Field(None, ge=1)  # PIL resize threads; default: the CPUs available
     log_mlflow: bool = True  # log a benchmark run and set FID on registered model versions
+    pr_k: int = Field(3, ge=1)  # improved precision/recall's neighbourhood (the paper's k)
+    ppl_samples: int = Field(1000, ge=0)  # path-length pairs per model (0: off; StyleGAN used 100,000)
+    fidelity_samples: int = Field(100, ge=0)  # samples whose sketches are compared with the sketch set (0: off)
+    vgg_weights: Location | None = None  # torchvision vgg16 state dict: LPIPS for PPL (with lpips_weights)
+    lpips_weights: Location | None = None  # the lpips package's v0.1 vgg.pth; without both, PPL in pixels
 
     @field_validator("name")
     @classmethod

@@ -6,8 +6,8 @@ readers for them. No other module spells these names.
 <root>/sketchsets/<name>/     sketches.parquet (id, sketch PNG, size), manifest.json
 <root>/evalsets/<name>/       images.parquet (id, image PNG, size, distance), manifest.json
 <root>/runs/<run>/            run.json, metrics.jsonl, samples/iter-<n>.png,
-                              checkpoints/{ckpt-<n>.pt, latest.json, best.pt, best.json},
-                              final/{G.pth, D.pth | D_sketch.pth, D_image.pth, metadata.json}
+                              checkpoints/{ckpt-<n>.pt, latest.json, best.pt, best.json, best-G-<n>.pth},
+                              final/{G.pth, G_best.pth, D.pth | D_sketch.pth, D_image.pth, metadata.json}
 <root>/fid-stats/<hash>.npz   cached reference statistics
 <root>/benchmarks/<name>/     results.{parquet,csv,md,json}, fid.png
 <root>/tune/<sweep>/          Ray Tune's experiment state
@@ -40,6 +40,7 @@ EVALSET_IMAGES = "images.parquet"
 RUN_INFO, METRICS, SAMPLES, CHECKPOINTS, FINAL = "run.json", "metrics.jsonl", "samples", "checkpoints", "final"
 FINAL_METADATA = "metadata.json"
 G_FILE, D_FILE, D_SKETCH_FILE, D_IMAGE_FILE = "G.pth", "D.pth", "D_sketch.pth", "D_image.pth"
+G_BEST_FILE = "G_best.pth"  # the generator at the best validation FID, beside the last one
 BENCHMARK_FILES = {"parquet": "results.parquet", "csv": "results.csv", "markdown": "results.md",
                    "json": "results.json", "chart": "fid.png", "compare": "compare.png"}
 
@@ -157,6 +158,11 @@ def checkpoint_uri(run: str, iteration: int, name: str | None = None) -> str:
 def is_rotated_checkpoint(uri: str) -> bool:
     name = uri.rsplit("/", 1)[-1]
     return name.startswith("ckpt-") and name.endswith(".pt")
+
+
+def best_generator_uri(run: str, iteration: int) -> str:
+    """The published generator of the best checkpoint, at ``iteration`` (copied to the final output)."""
+    return join(run, CHECKPOINTS, f"best-G-{iteration:08d}.pth")
 
 
 def checkpoint_pointer_uri(run: str, name: str | None = None) -> str:

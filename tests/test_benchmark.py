@@ -67,7 +67,7 @@ def test_reference_stats_cache_miss_then_hit(tmp_path, request, caplog, where):
     caplog.clear()
     calls = []
     with caplog.at_level(logging.INFO, logger="pipeline.eval.refstats"):
-        second = reference_stats(cfg, evalset, extractor, compute_features=lambda u: calls.append(u))
+        second = reference_stats(cfg, evalset, extractor, compute_features=lambda u, p: calls.append(u))
     assert second.cached and not calls  # nothing recomputed
     assert "reusing cached reference statistics" in caplog.text
     assert second.key == first.key
@@ -192,8 +192,8 @@ class _FakeRegistry:
     def list_champions(self, cfg):
         return list(self.models.values())
 
-    def set_version_fid(self, name, version, fid, cfg):
-        self.fids.append((name, version, fid))
+    def set_version_fid(self, name, version, fid, cfg, figures=None):
+        self.fids.append((name, version, fid, figures))
 
 
 def test_registry_refs_and_champions_resolve(tmp_path, monkeypatch):
@@ -221,8 +221,8 @@ def test_registry_refs_and_champions_resolve(tmp_path, monkeypatch):
     cfg = with_overrides(cfg, ["train.sketch_sets=[{name: b, evalset: /evalsets/b}]"])
     specs = resolve_models(cfg)
     assert [s.evalset for s in specs] == ["/evalsets/a", "/evalsets/b"]
-    record_version_fids(cfg, specs, [{"fid": 1.5}, {"fid": 2.5}])
-    assert fake.fids == [("sketchgan-cat-a", "3", 1.5), ("sketchgan-horse-b", "1", 2.5)]
+    record_version_fids(cfg, specs, [{"fid": 1.5, "recall": 0.5}, {"fid": 2.5, "ppl": 3.0, "kid": 1.0}])
+    assert fake.fids == [("sketchgan-cat-a", "3", 1.5, {"recall": 0.5}), ("sketchgan-horse-b", "1", 2.5, {"ppl": 3.0})]
 
 
 def test_markdown_and_csv_tables():
@@ -234,6 +234,9 @@ def test_markdown_and_csv_tables():
     assert md[0] == "| model | version | category | sketch set | N | FID | KID ×10³ | seconds |"
     assert md[2] == "| m\\|1 | 3 | cat | s | 10 | 12.3457 | 12.346 | 4.6 |"  # KID as papers print it
     assert to_csv(rows).splitlines()[0] == "model,version,category,sketch_set,n,fid,kid,seconds,evalset"
+    rows[0].update(precision=0.25, recall=0.5, sketch_fidelity=0.0312, ppl=123.456, ppl_distance="pixel-mse")
+    assert to_markdown(rows).splitlines()[2] == ("| m\\|1 | 3 | cat | s | 10 | 12.3457 | 12.346 | 4.6 | 0.250 | "
+                                                 "0.500 | 0.031 | 123.5 | pixel-mse |")
 
 
 
@@ -291,3 +294,30 @@ def test_a_base_folder_is_a_model_too(tmp_path):
     [spec] = resolve_models(cfg)
     arch = json.loads((base / "metadata.json").read_text())["arch"]
     assert spec.source == {"kind": "checkpoint", "uri": f"{base}/G.pth", "arch": arch}
+
+
+def test_evaluation_sets_split_into_disjoint_parts_fixed_by_content(tmp_path):
+    from pipeline.data.evalsets import load_evalset
+
+    uri = str(tmp_path / "es")
+    images = make_evalset(uri, n=60, seed=3)
+    val, test = load_evalset(uri, "validation")[1], load_evalset(uri, "test")[1]
+    as_set = lambda arr: {a.tobytes() for a in arr}  # noqa: E731
+    assert as_set(val).isdisjoint(as_set(test)) and as_set(val) | as_set(test) == as_set(images)
+    assert 15 <= len(val) <= 45  # about half, by hash
+    assert np.array_equal(load_evalset(uri, "validation")[1], val)  # the same on every call
+    # the same images in another order, in another set: each keeps its part
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "images.parquet"))))
+    buf = io.BytesIO()
+    pq.write_table(table.take(list(range(59, -1, -1))), buf)
+    other = str(tmp_path / "reversed")
+    storage.write_bytes(storage.join(other, "images.parquet"), buf.getvalue())
+    storage.write_json(storage.join(other, "manifest.json"), {"name": "reversed", "id": "other", "count": 60})
+    assert as_set(load_evalset(other, "validation")[1]) == as_set(val)
+    # statistics of a part are cached under their own key
+    cfg = with_overrides(Config(), [f"storage.root={tmp_path / 'root'}"])
+    extractor = RandConvExtractor(seed=0, dim=8, device="cpu")
+    parts = {p: reference_stats(cfg, uri, extractor, part=p) for p in ("validation", "test")}
+    assert len(parts["validation"].feats) == len(val) and parts["validation"].key != parts["test"].key
+    with pytest.raises(ValueError, match="part must be one of"):
+        load_evalset(uri, "train")

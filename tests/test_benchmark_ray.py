@@ -12,10 +12,14 @@ import torch
 from overrides import with_overrides
 from PIL import Image
 from test_benchmark import make_evalset
+from tiny_data import write_sketch_set
 
 from pipeline import layout, storage
 from pipeline.config import Config
+from pipeline.data.sketchsets import load_sketch_set
+from pipeline.eval import metrics
 from pipeline.eval.fid import extract_features
+from pipeline.models.sketchers import EdgeSketcher
 
 torch.set_num_threads(2)
 
@@ -59,7 +63,10 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     make_evalset(horses, n=16, seed=2, name="horses")
     run_a = _tiny_run(cfg, "cat-a", "cat", cats, seed=0)
     run_b = _tiny_run(cfg, "horse-b", "horse", horses, seed=1)
-    cfg = with_overrides(cfg, [f"eval.models=[{{model: {run_a}, n: 12}}, {{model: {run_b}, n: 10}}]"])
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: {run_a}, n: 12}}, {{model: {run_b}, n: 10}}]",
+                               "train.sketch_sets=[{name: cat-sketches}]", "eval.ppl_samples=16",
+                               "eval.fidelity_samples=5"])
+    write_sketch_set(layout.sketchset_uri(cfg, "cat-sketches"), n=3, name="cat-sketches")  # horse-b has none
 
     with caplog.at_level(logging.INFO, logger="pipeline.eval"):
         rows = benchmark(cfg)
@@ -80,8 +87,20 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     generator = load_source({"kind": "run", "uri": run_a}, torch.device("cpu"), cfg)
     fake = extract_features(generate_batches(generator, 12, cfg.eval.seed, 1.0, 8, torch.device("cpu")),
                             extractor)
-    real = extract_features(load_evalset_images(cats), extractor)
+    real = extract_features(load_evalset_images(cats, "test"), extractor)  # the benchmark reports the test part
     assert rows[0]["fid"] == pytest.approx(fid_from_features(fake, real), rel=1e-6)
+    # ... and so do precision and recall (k = 3), the path length and the sketch fidelity
+    assert (rows[0]["precision"], rows[0]["recall"]) == pytest.approx(metrics.precision_recall(real, fake, k=3))
+    assert rows[0]["ppl_distance"] == "pixel-mse" and rows[0]["ppl"] == pytest.approx(metrics.path_length(
+        generator.get_latent, lambda w: generator([w], input_is_latent=True, randomize_noise=False)[0],
+        lambda a, b: (a - b).pow(2).flatten(1).mean(1), generator.style_dim, n=16, batch=8), rel=1e-6)
+    images = next(generate_batches(generator, 12, cfg.eval.seed, 1.0, 8, torch.device("cpu")))[:5]
+    with torch.no_grad():
+        drawn = EdgeSketcher()(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    drawn = ((drawn[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    user = load_sketch_set(layout.sketchset_uri(cfg, "cat-sketches"))[1]
+    assert rows[0]["sketch_fidelity"] == pytest.approx(metrics.sketch_fidelity(drawn, user))
+    assert "sketch_fidelity" not in rows[1] and 0 <= rows[1]["precision"] <= 1
 
     # Logged to MLflow as a benchmark run with one FID per model.
     from pipeline.registry import tracking
@@ -92,6 +111,7 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert len(runs) == 1
     assert runs[0].data.metrics["fid.cat-a"] == pytest.approx(rows[0]["fid"])
     assert runs[0].data.metrics["fid.horse-b"] == pytest.approx(rows[1]["fid"])
+    assert runs[0].data.metrics["recall.cat-a"] == pytest.approx(rows[0]["recall"])
 
     # Register run A as a model version, then delete run A's weights: the benchmark must score the version's own.
     from pipeline.registry import mlflow_registry
@@ -116,4 +136,8 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert [r["fid"] for r in again] == pytest.approx([r["fid"] for r in table], rel=1e-9)
     tags = client.get_model_version(name, version).tags
     assert float(tags[mlflow_registry.TAG_FID]) == pytest.approx(rows[0]["fid"], rel=1e-9)
+    for key in ("precision", "recall", "ppl", "sketch_fidelity"):  # the version carries every figure
+        assert float(tags[key]) == pytest.approx(rows[0][key], rel=1e-9), key
+    listed = "\n".join(mlflow_registry.model_lines(cfg))
+    assert f"sketch_fidelity: v{version}=" in listed and f"precision: v{version}=" in listed
     assert f"| {name} | {version} |" in capsys.readouterr().out

@@ -256,3 +256,59 @@ def test_settings_a_run_predates_count_as_their_defaults():
     assert planning.config_differences(old, new, "pretrain") == []
     new["pretrain"]["num_workers"] = 2
     assert planning.config_differences(old, new, "pretrain") == ["pretrain.num_workers: 1 -> 2"]
+
+
+def test_a_run_whose_validation_fid_peaks_early_registers_the_early_generator(setup, monkeypatch):
+    """FID at intervals (scripted here: 5, 2, 3, 4 at iterations 2, 4, 6, 8) keeps the best generator beside the
+    last; registration takes the best (iteration 4, the same weights as a straight 4-iteration run) by default,
+    the last with registry.checkpoint=last, and the champion follows validation FID."""
+    from dataclasses import replace
+
+    from pipeline.models.checkpoints import load_state_dict, sha256_of
+    from pipeline.registry import mlflow_registry, tracking
+    from pipeline.train import evaluate
+
+    root, g, d = setup
+    scripted = iter([5.0, 2.0, 3.0, 4.0])
+
+    class ScriptedFid:
+        def __init__(self, cfg, evalset_uri, device):
+            assert evalset_uri == "/evalset/validation-part-is-read-by-the-real-one"
+
+        def __call__(self, G):
+            return next(scripted)
+
+    monkeypatch.setattr(evaluate, "FidEvaluator", ScriptedFid)
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.iterations=8", "train.batch_size=4",
+                   "train.eval_every=2", "train.checkpoint_every=4", "train.log_every=2")
+    make_epoch = bare_epochs(str(root / "datasets" / "shapes"), 4)
+    sk = sketches_of(str(root / "sketchsets" / "tri"))
+    spec = replace(spec_for(root, cfg, "peaks"), evalset_uri="/evalset/validation-part-is-read-by-the-real-one")
+    loop.run_worker(spec, make_epoch, sk, device=torch.device("cpu"))
+    short = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.iterations=4", "train.batch_size=4",
+                     "train.checkpoint_every=4", "train.log_every=2")
+    loop.run_worker(spec_for(root, short, "four"), make_epoch, sk, device=torch.device("cpu"))
+
+    run = layout.open_finished_run(spec.run_uri)
+    best_g = layout.final_uri(spec.run_uri, layout.G_BEST_FILE)
+    assert run.metadata["best"] == {"fid": 2.0, "iteration": 4, "g_sha256": sha256_of(best_g)}
+    early, four = load_state_dict(best_g), load_state_dict(layout.final_uri(str(root / "runs" / "four"), "G.pth"))
+    assert all(torch.equal(early[k], four[k]) for k in four), "the kept best is not the iteration-4 generator"
+    assert sha256_of(best_g) != run.metadata["g_sha256"]  # the last one differs
+
+    name, version = mlflow_registry.register_run(cfg, spec.run_uri)
+    client = tracking.client(cfg)
+    tags = client.get_model_version(name, version).tags
+    assert tags["sketchgan.checkpoint"] == "best@4" and float(tags["fid_validation"]) == 2.0
+    assert "fid" not in tags  # the benchmark's (test part) FID comes later, from the benchmark
+    got = mlflow_registry.resolve_model(f"models:/{name}/{version}", cfg).load_generator(cfg, "cpu").state_dict()
+    assert all(torch.equal(got[k], early[k]) for k in early)
+    last_name, last_version = mlflow_registry.register_run(
+        tiny_cfg(root, f"model.base_g={g}", "registry.checkpoint=last"), spec.run_uri)
+    assert (last_name, last_version) == (name, str(int(version) + 1))
+    last_tags = client.get_model_version(name, last_version).tags
+    assert last_tags["sketchgan.checkpoint"] == "last@8" and float(last_tags["fid_validation"]) == 4.0
+    # the champion is chosen by validation FID (2.0 beats 4.0), whatever a benchmark later says of the test part
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version
+    mlflow_registry.set_version_fid(name, last_version, 0.1, cfg)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version

@@ -149,8 +149,22 @@ def create_evalset(cfg: Config, sketchset: str, dataset: str | None = None, n: i
     return {**manifest, "uri": out}
 
 
-def load_evalset(uri: str) -> tuple[dict, np.ndarray]:
-    """(manifest, uint8 N×H×W×3 images) of a stored evaluation set; an undecodable image is refused by id."""
+PARTS = ("validation", "test")
+VALIDATION_SHARE = 0.5  # of an evaluation set's images, chosen by content hash
+
+
+def part_of(image_png: bytes) -> str:
+    """``validation`` or ``test`` for an image, from the hash of its bytes: the split is disjoint, the same in
+    every run and process, and an image keeps its part whichever set or order it comes in."""
+    u = int.from_bytes(hashlib.sha256(image_png).digest()[:8], "big") / 2**64
+    return "validation" if u < VALIDATION_SHARE else "test"
+
+
+def load_evalset(uri: str, part: str | None = None) -> tuple[dict, np.ndarray]:
+    """(manifest, uint8 N×H×W×3 images) of a stored evaluation set, or of its ``validation`` or ``test`` part
+    (`part_of`); an undecodable image is refused by id."""
+    if part is not None and part not in PARTS:
+        raise ValueError(f"evaluation set part must be one of {PARTS} or None, got {part!r}")
     stored = layout.open_evalset(uri)
     try:
         table = storage.read_parquet(stored.images_uri, ["id", "image"])
@@ -158,6 +172,8 @@ def load_evalset(uri: str) -> tuple[dict, np.ndarray]:
         raise EvalSetError(f"evaluation set {uri}: cannot read its images ({exc})") from None
     images = []
     for rid, png in zip(table["id"].to_pylist(), table["image"].to_pylist()):
+        if part is not None and part_of(png) != part:
+            continue
         try:
             with Image.open(io.BytesIO(png)) as im:
                 images.append(np.asarray(im.convert("RGB")))

@@ -4,10 +4,10 @@ the per-layer noise maps with Adam, a learning rate ramped up then down, Gaussia
 fades out over the first 3/4 of the steps, and a penalty on the noise maps' autocorrelation at every scale
 (renormalised after each step) so that the noise cannot paint the image.
 
-The distance is perceptual when VGG-16 weights are given (torchvision's layout, by path or URI): squared
-differences of unit-normalised VGG-16 features at the five layers LPIPS uses, averaged (LPIPS without its
-learned per-channel weights). Without weights it falls back to pixels: the mean squared error at full size
-plus at 1/2 and 1/4 size (the coarse terms pull colours and layout first).
+The distance is LPIPS (`pipeline.eval.lpips`) when VGG-16 weights are given (torchvision's layout, by path or
+URI; with LPIPS's linear weights when those are given too, else every channel weighing 1). Without them it
+falls back to pixels: the mean squared error at full size plus at 1/2 and 1/4 size (the coarse terms pull
+colours and layout first).
 
 A Z latent is the one to render through a customised model whose mapping network changed (the paper's default
 customisation); a W or W+ latent bypasses the mapping, so it renders differently only through a model whose
@@ -28,7 +28,6 @@ from pipeline import layout, storage
 SPACES = ("w", "w+", "z")
 MAX_PIXELS = 40_000_000
 _NOT_PHOTO_MODES = ("F", "I", "I;16", "I;16B", "I;16L", "I;16N")
-VGG_LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
 
 
 @dataclass
@@ -65,41 +64,6 @@ def load_target(uri: str, size: int) -> torch.Tensor:
                          "convert it to 8-bit RGB first")
     arr = np.asarray(center_crop_resize(to_mode(im, "RGB"), size), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
-
-
-class VGGDistance(torch.nn.Module):
-    """Mean squared difference of unit-normalised VGG-16 features (LPIPS's layers, unweighted)."""
-
-    def __init__(self, weights_uri: str):
-        import torchvision
-
-        from pipeline.models.checkpoints import load_state_dict
-
-        super().__init__()
-        vgg = torchvision.models.vgg16(weights=None)
-        state = load_state_dict(weights_uri)
-        try:
-            vgg.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"{weights_uri}: not torchvision's vgg16 state dict ({str(exc).splitlines()[0]})") \
-                from None
-        self.features = vgg.features[:VGG_LAYERS[-1] + 1].eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def feats(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = ((x + 1) / 2 - self.mean) / self.std
-        if x.shape[-1] < 64:  # the deepest layer needs a few pixels left after four poolings
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in VGG_LAYERS:
-                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return out
-
-    def forward(self, x: torch.Tensor, target_feats: list[torch.Tensor]) -> torch.Tensor:
-        return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self.feats(x), target_feats))
 
 
 def pixel_distance(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -161,7 +125,10 @@ def project(G: torch.nn.Module, target: torch.Tensor, settings: ProjectSettings,
         strength = latent_std * settings.initial_noise_factor * max(0.0, 1.0 - t / settings.noise_ramp) ** 2
         jitter = torch.randn(latent.shape, generator=gen).to(device) * strength
         image = synthesize_from(G, settings.space, latent + jitter, noises)
-        loss = distance(image, target_feats) if distance is not None else pixel_distance(image, target)
+        if distance is not None:
+            loss = distance.compare(distance.feats(image), target_feats).sum()
+        else:
+            loss = pixel_distance(image, target)
         loss = loss + settings.noise_regularize * noise_regularisation(noises)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,7 +189,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_project(cfg, image: str, base: str, out: str, settings: ProjectSettings,
-                vgg_weights: str | None = None) -> list[str]:
+                vgg_weights: str | None = None, lpips_weights: str | None = None) -> list[str]:
     """`sketchgan project`: write into ``out`` the latent, the reconstruction (at the model's size) and
     a comparison (the target, the mean latent's image, the reconstruction), as `layout` names them; returns the
     lines to print."""
@@ -238,7 +205,14 @@ def run_project(cfg, image: str, base: str, out: str, settings: ProjectSettings,
     device = factory.device_default()
     G = resolve_model(base, cfg).load_generator(cfg, device)
     target = load_target(image, G.size)
-    distance = VGGDistance(vgg_weights).to(device) if vgg_weights else None
+    if lpips_weights and not vgg_weights:
+        raise ValueError("--lpips-weights needs --vgg-weights (LPIPS weighs VGG-16's features)")
+    if vgg_weights:
+        from pipeline.eval.lpips import LPIPS
+
+        distance = LPIPS(vgg_weights, lpips_weights).to(device)
+    else:
+        distance = None
     t0 = time.time()
     bar = Progress("project", settings.steps, unit="step")
     try:
@@ -255,7 +229,7 @@ def run_project(cfg, image: str, base: str, out: str, settings: ProjectSettings,
     save_latent(record, latent_uri)
     storage.write_bytes(recon_uri, encode_png(got))
     storage.write_bytes(storage.join(out, layout.PROJECTION_COMPARE), grid_png(np.stack([want, mean_image, got]), 3))
-    kind = "VGG-16 features" if distance is not None else "pixel"
+    kind = ("LPIPS" if lpips_weights else "LPIPS, unweighted") if distance is not None else "pixel"
     return [f"{latent_uri}: {record['space']} latent after {settings.steps} steps in {time.time() - t0:.0f}s "
             f"({kind} distance)",
             f"{recon_uri}: PSNR {psnr(got, want):.2f} dB (the mean latent: {psnr(mean_image, want):.2f} dB)"]

@@ -1,4 +1,7 @@
-"""`sketchgan benchmark`: FID and KID of several models against their evaluation sets, on Ray.
+"""`sketchgan benchmark`: FID, KID, precision/recall, path length and sketch fidelity of several models, on Ray.
+
+Scores are against the test part of each evaluation set; training's FID at intervals (the best checkpoint,
+Tune's metric, the champion) uses the validation part, so no choice peeks at what is reported.
 
 Each model generates ``n`` samples in a Ray actor (one GPU each when the cluster has GPUs), batched, and the
 actor turns them into features in memory (clean-fid's clean protocol, no PNG round trip). Reference
@@ -21,6 +24,7 @@ from pipeline import layout
 from pipeline.config import Config
 from pipeline.eval.features import FeatureExtractor, build_extractor
 from pipeline.eval.fid import frechet_distance, kernel_distance
+from pipeline.eval.metrics import precision_recall
 from pipeline.eval.models import BenchmarkError, ModelSpec, resolve_baseline, resolve_models
 from pipeline.eval.refstats import ReferenceStats, evalset_id, reference_stats
 from pipeline.eval.report import publish
@@ -29,6 +33,7 @@ from pipeline.progress import Progress
 from pipeline.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
+TEST_PART = "test"  # of each evaluation set (pipeline.data.evalsets.part_of)
 
 
 
@@ -40,7 +45,7 @@ def load_source(source: dict[str, Any], device, cfg: Config):
     if source["kind"] == "run":
         generator, _ = factory.load_run_generator(source["uri"], device)
     elif source["kind"] == "registered":
-        from pipeline.registry.mlflow_registry import load_version_generator
+        from pipeline.registry.versions import load_version_generator
 
         generator = load_version_generator(cfg, source["model_uri"], source["arch"], device)
     else:
@@ -62,22 +67,23 @@ class SampleWorker:
         self.extractor = build_extractor(self.cfg.eval, self.device)
         # Ray does not pin actors to cores: resize on as many threads as the actor reserved CPUs.
         self.extractor.resize_threads = self.cfg.eval.resize_threads or max(1, threads)
-        self.classifier = None
+        self.classifier = self.sketcher = self.lpips = None
         if self.cfg.eval.classifier:
             from pipeline.eval.shape_classifier import load_classifier
 
             self.classifier = load_classifier(self.cfg.eval.classifier)
 
-    def evalset_features(self, evalset_uri: str) -> np.ndarray:
+    def evalset_features(self, evalset_uri: str, part: str | None = None) -> np.ndarray:
         from pipeline.eval.fid import extract_features
         from pipeline.eval.refstats import load_evalset_images
 
-        return extract_features(load_evalset_images(evalset_uri), self.extractor, self.cfg.eval.batch_size)
+        return extract_features(load_evalset_images(evalset_uri, part), self.extractor, self.cfg.eval.batch_size)
 
-    def model_features(self, source: dict[str, Any], n: int,
-                       target_class: str | None = None) -> tuple[np.ndarray, float, float | None]:
-        """Features of ``n`` samples, the seconds it took, and the share of samples ``eval.classifier`` puts in
-        ``target_class`` (None without a classifier or a target)."""
+    def model_features(self, source: dict[str, Any], n: int, target_class: str | None = None,
+                       sketches_uri: str | None = None) -> dict[str, Any]:
+        """Features of ``n`` samples and the seconds it took; the share of samples ``eval.classifier`` puts in
+        ``target_class`` (None without a classifier or a target); the sketch fidelity of the first
+        ``eval.fidelity_samples`` samples to the sketch set at ``sketches_uri``; the path length."""
         from pipeline.eval.fid import extract_features
         from pipeline.models.sampling import generate_batches
 
@@ -93,9 +99,71 @@ class SampleWorker:
                 raise BenchmarkError(f"target class {target_class!r} is not one of eval.classifier's classes "
                                      f"({', '.join(self.classifier.classes)})")
             batches = self._classified(batches, self.classifier.classes.index(target_class), counted)
-        feats = extract_features(batches, self.extractor, ev.batch_size)
-        share = counted["target"] / counted["all"] if counted["all"] else None
-        return feats, time.perf_counter() - start, share
+        kept: list[np.ndarray] = []
+        if sketches_uri and ev.fidelity_samples:
+            batches = self._kept(batches, kept, ev.fidelity_samples)
+        out = {"feats": extract_features(batches, self.extractor, ev.batch_size),
+               "target_share": counted["target"] / counted["all"] if counted["all"] else None}
+        if kept:
+            out["sketch_fidelity"] = self._fidelity(np.concatenate(kept)[:ev.fidelity_samples], sketches_uri)
+        if ev.ppl_samples:
+            out["ppl"], out["ppl_distance"] = self._path_length(generator)
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+    @staticmethod
+    def _kept(batches, kept: list[np.ndarray], m: int):
+        held = 0
+        for batch in batches:
+            if held < m:
+                kept.append(np.asarray(batch)[:m - held])
+                held += len(kept[-1])
+            yield batch
+
+    def _fidelity(self, images: np.ndarray, sketches_uri: str) -> float:
+        """Sketch fidelity (`pipeline.eval.metrics`): the images sketched by the pipeline's sketcher F, against
+        the sketch set (resized to the images' size)."""
+        import torch
+        from PIL import Image
+
+        from pipeline.data.sketchsets import load_sketch_set
+        from pipeline.eval.metrics import sketch_fidelity
+        from pipeline.models.sketchers import build_sketcher
+
+        if self.sketcher is None:
+            d = self.cfg.data
+            self.sketcher = build_sketcher(d.sketcher, d.sketcher_weights, device=self.device)
+        size = images.shape[1]
+        _, user = load_sketch_set(sketches_uri)
+        user = np.stack([np.asarray(Image.fromarray(u).resize((size, size), Image.BOX)) if u.shape[0] != size
+                         else u for u in user])
+        with torch.no_grad():
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1
+            sketched = ((self.sketcher(x)[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+        return sketch_fidelity(sketched, user)
+
+    def _path_length(self, generator) -> tuple[float, str]:
+        """PPL in W with end points: LPIPS with eval.vgg_weights and eval.lpips_weights, else pixel MSE."""
+        from pipeline.eval.metrics import path_length
+
+        ev = self.cfg.eval
+        if self.lpips is None and ev.vgg_weights and ev.lpips_weights:
+            from pipeline.eval.lpips import LPIPS
+
+            self.lpips = LPIPS(ev.vgg_weights, ev.lpips_weights).to(self.device)
+        if self.lpips is not None:
+            distance, kind = self.lpips, "lpips-vgg"
+        else:
+            def distance(a, b):
+                return (a - b).pow(2).flatten(1).mean(1)
+            kind = "pixel-mse"
+
+        def synthesis(w):
+            return generator([w], input_is_latent=True, randomize_noise=False)[0]
+
+        value = path_length(generator.get_latent, synthesis, distance, generator.style_dim, n=ev.ppl_samples,
+                            batch=ev.batch_size, seed=ev.seed, device=self.device)
+        return value, kind
 
     def _classified(self, batches, target: int, counted: dict[str, int]):
         from pipeline.eval.shape_classifier import predict_proba
@@ -155,26 +223,33 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
     import ray
 
     # Samples first (actors work through their queues while reference statistics are looked up).
-    pending = [workers[i % len(workers)].model_features.remote(s.source, s.n, s.target_class)
+    sketches = {s.sketches_uri: s.sketches_uri if layout.sketch_set_exists(s.sketches_uri) else None
+                for s in specs if s.sketches_uri}  # sketch fidelity where the sketch set is stored
+    pending = [workers[i % len(workers)].model_features.remote(s.source, s.n, s.target_class,
+                                                                sketches.get(s.sketches_uri))
                for i, s in enumerate(specs)]
     refs: dict[str, ReferenceStats] = {}
     for i, uri in enumerate(dict.fromkeys(s.evalset for s in specs)):
         worker = workers[i % len(workers)]
-        compute = lambda u, w=worker: ray.get(w.evalset_features.remote(u))
-        refs[uri] = reference_stats(cfg, uri, extractor, compute_features=compute)
+        compute = lambda u, p, w=worker: ray.get(w.evalset_features.remote(u, p))
+        # the test part: training chose checkpoints (and the champion) on the validation part
+        refs[uri] = reference_stats(cfg, uri, extractor, compute_features=compute, part=TEST_PART)
     rows, bar = [], Progress("benchmark", len(specs), unit="model")
     for spec, future in zip(specs, pending):
         try:
-            feats, seconds, share = ray.get(future)
+            got = ray.get(future)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             raise BenchmarkError(f"model {spec.label}: sampling failed: {cause}") from None
         start = time.perf_counter()
-        fid, kid = score(feats, refs[spec.evalset], cfg)
+        fid, kid = score(got["feats"], refs[spec.evalset], cfg)
+        precision, recall = precision_recall(refs[spec.evalset].feats, got["feats"], k=cfg.eval.pr_k)
+        extra = {k: got[k] for k in ("target_share", "sketch_fidelity", "ppl", "ppl_distance")
+                 if got.get(k) is not None}
         rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
-                     "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid,
-                     "seconds": round(seconds + time.perf_counter() - start, 3), "evalset": spec.evalset,
-                     "baseline": spec.baseline, **({"target_share": share} if share is not None else {})})
+                     "sketch_set": spec.sketch_set, "n": spec.n, "fid": fid, "kid": kid, "precision": precision,
+                     "recall": recall, "seconds": round(got["seconds"] + time.perf_counter() - start, 3),
+                     "evalset": spec.evalset, "baseline": spec.baseline, **extra})
         log.debug("benchmark: %s%s FID %.4f KID %.6f (%d samples)", spec.label,
                   f" v{spec.version}" if spec.version else "", fid, kid, spec.n)
         bar.update_to(len(rows), spec.label)
@@ -209,8 +284,9 @@ def log_to_mlflow(cfg: Config, rows: list[dict[str, Any]], files: dict[str, byte
         for key, value in params.items():
             client.log_param(run_id, key, value)
         for row in rows:
-            client.log_metric(run_id, f"fid.{_metric_name(row)}", row["fid"])
-            client.log_metric(run_id, f"kid.{_metric_name(row)}", row["kid"])
+            for key in ("fid", "kid", "precision", "recall", "ppl", "sketch_fidelity"):
+                if row.get(key) is not None:
+                    client.log_metric(run_id, f"{key}.{_metric_name(row)}", row[key])
         with tempfile.TemporaryDirectory() as tmp:
             for fname, data in files.items():
                 (Path(tmp) / fname).write_bytes(data)
@@ -229,16 +305,21 @@ def record_version_fids(cfg: Config, specs: list[ModelSpec], rows: list[dict[str
     from pipeline.registry import mlflow_registry
 
     for spec, row in registered:
-        mlflow_registry.set_version_fid(spec.registry_name, spec.version, row["fid"], cfg)
+        figures = {k: row[k] for k in ("precision", "recall", "ppl", "sketch_fidelity") if row.get(k) is not None}
+        mlflow_registry.set_version_fid(spec.registry_name, spec.version, row["fid"], cfg, figures)
 
 
 def add_baseline_fids(rows: list[dict[str, Any]]) -> None:
-    """Give every row that is not the baseline ``fid_base``: the baseline's FID on the row's evaluation set."""
-    base = {r["evalset"]: r["fid"] for r in rows if r.get("baseline")}
+    """Give every row that is not the baseline ``fid_base`` (the baseline's FID on the row's evaluation set) and,
+    where both have one, ``sketch_fidelity_base``."""
+    base = {r["evalset"]: r for r in rows if r.get("baseline")}
     if base:
         for r in rows:
+            b = base.get(r["evalset"])
             if not r.get("baseline"):
-                r["fid_base"] = base.get(r["evalset"])
+                r["fid_base"] = b["fid"] if b else None
+                if b and b.get("sketch_fidelity") is not None and r.get("sketch_fidelity") is not None:
+                    r["sketch_fidelity_base"] = b["sketch_fidelity"]
 
 
 # --------------------------------------------------------------------------------------------------- entry

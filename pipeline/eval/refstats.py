@@ -43,19 +43,21 @@ def evalset_id(evalset_uri: str) -> str:
     return "sha256:" + hashlib.sha256(storage.read_bytes(stored.images_uri)).hexdigest()
 
 
-def stats_key(set_id: str, extractor: FeatureExtractor, protocol: str = PROTOCOL) -> str:
-    blob = json.dumps({"evalset": set_id, "extractor": extractor.name, "version": extractor.version,
-                       "protocol": protocol}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+def stats_key(set_id: str, extractor: FeatureExtractor, protocol: str = PROTOCOL, part: str | None = None) -> str:
+    fields = {"evalset": set_id, "extractor": extractor.name, "version": extractor.version, "protocol": protocol}
+    if part is not None:  # the whole set keeps the key it always had
+        fields["part"] = part
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def load_evalset_images(evalset_uri: str) -> np.ndarray:
-    """The evaluation set's images as uint8 N x H x W x 3 (at least two)."""
+def load_evalset_images(evalset_uri: str, part: str | None = None) -> np.ndarray:
+    """The evaluation set's images (or its ``validation`` / ``test`` part) as uint8 N x H x W x 3 (at least two)."""
     from pipeline.data.evalsets import load_evalset
 
-    images = load_evalset(evalset_uri)[1]
+    images = load_evalset(evalset_uri, part)[1]
     if len(images) < 2:
-        raise EvalSetError(f"evaluation set {evalset_uri}: needs at least 2 images, has {len(images)}")
+        what = f"its {part} part" if part else "it"
+        raise EvalSetError(f"evaluation set {evalset_uri}: {what} needs at least 2 images, has {len(images)}")
     return images
 
 
@@ -74,29 +76,31 @@ def _read_cached(uri: str, key: str) -> ReferenceStats | None:
 
 
 def reference_stats(cfg: Config, evalset_uri: str, extractor: FeatureExtractor,
-                    compute_features=None) -> ReferenceStats:
-    """Cached statistics of an evaluation set for ``extractor``; computed and published on a miss.
+                    compute_features=None, part: str | None = None) -> ReferenceStats:
+    """Cached statistics of an evaluation set (or of its ``validation`` / ``test`` part) for ``extractor``;
+    computed and published on a miss.
 
-    ``compute_features(evalset_uri) -> feats`` replaces the local feature computation (the benchmark runs it
-    in a Ray actor); by default the images are read and featurised here.
+    ``compute_features(evalset_uri, part) -> feats`` replaces the local feature computation (the benchmark runs
+    it in a Ray actor); by default the images are read and featurised here.
     """
     set_id = evalset_id(evalset_uri)
-    key = stats_key(set_id, extractor)
+    key = stats_key(set_id, extractor, part=part)
     uri = layout.fid_stats_uri(cfg, key)
     if storage.exists(uri):
         stats = _read_cached(uri, key)
         if stats is not None:
-            log.info("reusing cached reference statistics for %s (%s, %d images) from %s",
-                     evalset_uri, extractor.cache_id, len(stats.feats), uri)
+            log.info("reusing cached reference statistics for %s%s (%s, %d images) from %s",
+                     evalset_uri, f" ({part} part)" if part else "", extractor.cache_id, len(stats.feats), uri)
             return stats
-    log.info("computing reference statistics for %s with %s", evalset_uri, extractor.cache_id)
+    where = f"{evalset_uri} ({part} part)" if part else evalset_uri
+    log.info("computing reference statistics for %s with %s", where, extractor.cache_id)
     if compute_features is None:
-        feats = extract_features(load_evalset_images(evalset_uri), extractor, cfg.eval.batch_size)
+        feats = extract_features(load_evalset_images(evalset_uri, part), extractor, cfg.eval.batch_size)
     else:
-        feats = np.asarray(compute_features(evalset_uri), dtype=np.float32)
+        feats = np.asarray(compute_features(evalset_uri, part), dtype=np.float32)
     mu, sigma = feature_statistics(feats)
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, feats=feats, evalset=evalset_uri, evalset_id=set_id,
+    np.savez(buf, mu=mu, sigma=sigma, feats=feats, evalset=evalset_uri, evalset_id=set_id, part=part or "all",
              extractor=extractor.name, extractor_version=extractor.version, protocol=PROTOCOL)
     storage.write_bytes(uri, buf.getvalue())
     log.info("published reference statistics for %s to %s", evalset_uri, uri)

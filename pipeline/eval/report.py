@@ -15,12 +15,19 @@ from pipeline.config import Config
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "version", "category", "sketch_set", "n", "fid", "kid", "seconds", "evalset"]
-# fid_base and baseline with a baseline (eval.baseline); target_share with a classifier (eval.classifier)
-OPTIONAL = ["fid_base", "target_share", "baseline"]
+# precision and recall (absent from rows made before them); fid_base and baseline with a baseline
+# (eval.baseline); target_share with a classifier (eval.classifier);
+# sketch_fidelity(_base) with a known sketch set; ppl (and the distance it used) unless eval.ppl_samples is 0
+OPTIONAL = ["precision", "recall", "fid_base", "target_share", "sketch_fidelity", "sketch_fidelity_base", "ppl",
+            "ppl_distance", "baseline"]
 HEADERS = {"model": "model", "version": "version", "category": "category", "sketch_set": "sketch set",
-           "n": "N", "fid": "FID", "kid": "KID ×10³", "seconds": "seconds", "evalset": "evaluation set",
-           "fid_base": "FID of the base", "target_share": "target share", "baseline": "baseline"}
-NUMERIC = ("n", "fid", "kid", "seconds", "fid_base", "target_share")
+           "n": "N", "fid": "FID", "kid": "KID ×10³", "precision": "precision", "recall": "recall",
+           "seconds": "seconds", "evalset": "evaluation set", "fid_base": "FID of the base",
+           "target_share": "target share", "sketch_fidelity": "sketch distance",
+           "sketch_fidelity_base": "sketch distance of the base", "ppl": "PPL", "ppl_distance": "PPL distance",
+           "baseline": "baseline"}
+NUMERIC = ("n", "fid", "kid", "precision", "recall", "seconds", "fid_base", "target_share", "sketch_fidelity",
+           "sketch_fidelity_base", "ppl")
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -37,8 +44,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             return f"{value:.4f}"
         if col == "kid":  # reported x 1000, as papers do (the JSON, CSV and Parquet keep the raw value)
             return f"{value * 1000:.3f}"
-        if col == "target_share":
+        if col in ("target_share", "precision", "recall", "sketch_fidelity", "sketch_fidelity_base"):
             return f"{value:.3f}"
+        if col == "ppl":
+            return f"{value:.4g}"
         if col == "seconds":
             return f"{value:.1f}"
         return str(value).replace("|", "\\|")

@@ -20,17 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.names import validate_name
 from pipeline.redact import scrub, scrub_text
 from pipeline.registry import tracking
+from pipeline.registry.versions import (
+    ARTIFACT_G,
+    ARTIFACT_GANSPACE,
+    ARTIFACT_METADATA,
+    load_version_generator,
+    version_metadata,
+)
 
 log = logging.getLogger("sketchgan.registry")
 
-TAG_FID = "fid"
+TAG_FID = "fid"  # the benchmark's, on the test part of the evaluation set
+TAG_FID_VALIDATION = "fid_validation"  # training's, on the validation part, of the registered generator
+BENCHMARK_TAGS = ("precision", "recall", "ppl", "sketch_fidelity")  # set by the benchmark beside the FID
 TAG_G_URI = "sketchgan.g_uri"
 TAG_ARCH = "sketchgan.arch"
 TAG_CONFIG = "sketchgan.config"
@@ -65,8 +72,8 @@ def model_name(cfg: Config, category: str, sketch_set: str) -> str:
     return validate_name(f"{cfg.registry.model_prefix}-{category}-{sketch_set}", "registered model name")
 
 
-def _fid_of(version) -> float | None:
-    raw = (version.tags or {}).get(TAG_FID)
+def _fid_of(version, tag: str = TAG_FID) -> float | None:
+    raw = (version.tags or {}).get(tag)
     try:
         value = float(raw) if raw not in (None, "") else None
     except ValueError:
@@ -88,17 +95,20 @@ def _alias_version(mlf, name: str, alias: str):
 
 
 def update_champion(mlf, name: str, alias: str) -> str | None:
-    """Point ``alias`` at the best version by FID (moving only for a strictly lower FID), or at the latest
-    version while none has an FID. Returns the champion's version."""
+    """Point ``alias`` at the best version by validation FID, else by the benchmark's FID (moving only for a
+    strictly lower FID), or at the latest version while none has an FID. Returns the champion's version."""
     versions = _versions(mlf, name)
     if not versions:
         return None
     current = _alias_version(mlf, name, alias)
-    measured = [v for v in versions if _fid_of(v) is not None]
+    # validation FID (training's, on the evaluation set's validation part) when any version has one: the
+    # benchmark's FID is on the test part, which must not choose
+    tag = TAG_FID_VALIDATION if any(_fid_of(v, TAG_FID_VALIDATION) is not None for v in versions) else TAG_FID
+    measured = [v for v in versions if _fid_of(v, tag) is not None]
     if measured:
-        best = min(measured, key=lambda v: (_fid_of(v), int(v.version)))
-        cur_fid = _fid_of(current) if current is not None else None
-        target = current if cur_fid is not None and cur_fid <= _fid_of(best) else best
+        best = min(measured, key=lambda v: (_fid_of(v, tag), int(v.version)))
+        cur_fid = _fid_of(current, tag) if current is not None else None
+        target = current if cur_fid is not None and cur_fid <= _fid_of(best, tag) else best
     else:
         target = versions[-1]
     if current is None or current.version != target.version:
@@ -108,33 +118,33 @@ def update_champion(mlf, name: str, alias: str) -> str | None:
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the `pipeline` package, logged with every version
-ARTIFACT_G, ARTIFACT_METADATA, ARTIFACT_GANSPACE = "generator", "metadata", "ganspace"  # the pyfunc's artifacts
 
 
-def _pip_requirements() -> list[str]:
-    """What the logged code imports, pinned at this environment's versions (the project itself travels as code)."""
-    import importlib.metadata as md
-
-    reqs = []
-    for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "pillow", "mlflow"):
-        try:
-            reqs.append(f"{dist}=={md.version(dist).split('+')[0]}")
-        except md.PackageNotFoundError:
-            pass
-    return reqs
+def chosen_generator(cfg: Config, run_uri: str, meta: dict) -> dict[str, Any]:
+    """Which generator of a finished run a version holds (``registry.checkpoint``): its best by validation FID
+    when the run kept one, else its last; with the iteration, sha256 and validation FID of that generator."""
+    best = meta.get("best") or {}
+    if cfg.registry.checkpoint == "best" and best.get("g_sha256"):
+        return {"uri": layout.final_uri(run_uri, layout.G_BEST_FILE), "checkpoint": "best",
+                "iteration": best.get("iteration"), "g_sha256": best["g_sha256"], "fid_validation": best.get("fid")}
+    return {"uri": layout.final_uri(run_uri, layout.G_FILE), "checkpoint": "last", "iteration": meta.get("iterations"),
+            "g_sha256": meta.get("g_sha256"), "fid_validation": meta.get("fid")}
 
 
-def _lineage_tags(meta: dict, run_uri: str, g_uri: str) -> dict[str, str]:
+def _lineage_tags(meta: dict, run_uri: str, chosen: dict[str, Any]) -> dict[str, str]:
     run = {"metadata": meta, "info": {}, "metrics": []}
     tags = tracking.run_tags(run, run_uri)
-    tags[TAG_G_URI] = scrub_text(g_uri)
+    tags[TAG_G_URI] = scrub_text(chosen["uri"])
+    tags["sketchgan.g_sha256"] = chosen["g_sha256"] or ""
+    tags["sketchgan.checkpoint"] = f"{chosen['checkpoint']}@{chosen['iteration']}"
     tags[TAG_ARCH] = json.dumps(meta.get("arch"), sort_keys=True)
     config = json.dumps(scrub(meta.get("config") or {}), sort_keys=True, separators=(",", ":"))
     if len(config) <= tracking.TAG_MAX:
         tags[TAG_CONFIG] = config
-    fid = meta.get("fid")
+    tags.pop(TAG_FID, None)  # a run's own FID is on the validation part: it is this version's fid_validation
+    fid = chosen.get("fid_validation")
     if isinstance(fid, int | float) and math.isfinite(fid):
-        tags[TAG_FID] = repr(float(fid))
+        tags[TAG_FID_VALIDATION] = repr(float(fid))
     if meta.get("blend"):  # a blend's parents, alpha and space (pipeline.edit.blend)
         tags["sketchgan.blend"] = scrub_text(json.dumps(meta["blend"], sort_keys=True))[:tracking.TAG_MAX]
     return tags
@@ -148,17 +158,19 @@ def _find_version(mlf, name: str, run_uri: str, g_sha: str | None):
     return None
 
 
-def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> str:
+def _log_pyfunc(cfg: Config, mlflow_run_id: str, meta: dict, chosen: dict[str, Any]) -> str:
     """Log the pyfunc into the MLflow run; returns its model URI."""
     import mlflow
 
-    from pipeline.registry.pyfunc_model import input_example, signature
+    from pipeline.registry.pyfunc_model import input_example, pip_requirements, signature
 
     with tempfile.TemporaryDirectory(prefix="sketchgan-model-") as tmp:
         d = Path(tmp)
-        g_path = storage.download_file(layout.final_uri(run_uri, layout.G_FILE), d / layout.G_FILE)
+        g_path = storage.download_file(chosen["uri"], d / layout.G_FILE)
         meta_path = d / layout.FINAL_METADATA
-        meta_path.write_text(json.dumps(scrub(meta), indent=2, sort_keys=True, default=str))
+        registered = {k: chosen[k] for k in ("checkpoint", "iteration", "g_sha256", "fid_validation")}
+        meta_path.write_text(json.dumps(scrub({**meta, "registered": registered}), indent=2, sort_keys=True,
+                                        default=str))
         artifacts = {ARTIFACT_G: str(g_path), ARTIFACT_METADATA: str(meta_path)}
         if meta.get("base_g") and meta.get("base_g_sha256"):  # the base's GANSpace components, for edits
             components = layout.ganspace_uri(str(meta["base_g"]), str(meta["base_g_sha256"]))
@@ -170,7 +182,7 @@ def _log_pyfunc(cfg: Config, mlflow_run_id: str, run_uri: str, meta: dict) -> st
                 code_paths=[str(PACKAGE_DIR)],
                 artifacts=artifacts,
                 signature=signature(int(meta["arch"]["size"])),
-                input_example=input_example(), pip_requirements=_pip_requirements())
+                input_example=input_example(), pip_requirements=pip_requirements())
     return info.model_uri
 
 
@@ -193,7 +205,8 @@ def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
     mlf = tracking.client(cfg)
     _ensure_registered_model(mlf, name, category, sketch)
     alias = cfg.registry.champion_alias
-    existing = _find_version(mlf, name, run_uri, meta.get("g_sha256"))
+    chosen = chosen_generator(cfg, run_uri, meta)
+    existing = _find_version(mlf, name, run_uri, chosen["g_sha256"])
     if existing is not None:
         log.info("%s already registered as %s version %s", run_uri, name, existing.version)
         update_champion(mlf, name, alias)
@@ -203,16 +216,16 @@ def register_run(cfg: Config, run_uri: str) -> tuple[str, str]:
     run = mlf.get_run(mlflow_run_id)
     model_uri = run.data.tags.get("sketchgan.model_uri")
     if not model_uri:
-        model_uri = _log_pyfunc(cfg, mlflow_run_id, run_uri, meta)
+        model_uri = _log_pyfunc(cfg, mlflow_run_id, meta, chosen)
         mlf.set_tag(mlflow_run_id, "sketchgan.model_uri", model_uri)
-    g_uri = layout.final_uri(run_uri, layout.G_FILE)
     # The registry resolves the logged model's URI through the global tracking URI: point it at ours.
     with tracking.activated(cfg):
         version = mlf.create_model_version(name, source=model_uri, run_id=mlflow_run_id,
-                                           tags=_lineage_tags(meta, run_uri, g_uri),
+                                           tags=_lineage_tags(meta, run_uri, chosen),
                                            description=f"{meta.get('run_name')} ({run_uri})",
                                            model_id=model_uri.removeprefix("models:/") or None)
-    log.info("registered %s as %s version %s", run_uri, name, version.version)
+    log.info("registered %s (%s generator, iteration %s) as %s version %s", run_uri, chosen["checkpoint"],
+             chosen["iteration"], name, version.version)
     update_champion(mlf, name, alias)
     return name, str(version.version)
 
@@ -232,57 +245,20 @@ def _ensure_registered_model(mlf, name: str, category: str, sketch: str) -> None
         mlf.get_registered_model(name)
 
 
-def set_version_fid(name: str, version: str | int, fid: float, cfg: Config) -> str | None:
-    """Record a version's FID and move the champion alias if that version is now the best; returns the champion."""
+def set_version_fid(name: str, version: str | int, fid: float, cfg: Config,
+                    figures: dict[str, float] | None = None) -> str | None:
+    """Record a version's benchmark FID (and its other ``figures``, BENCHMARK_TAGS) and update the champion alias;
+    returns the champion."""
     fid = float(fid)
     if not math.isfinite(fid):
         raise ValueError(f"{name} version {version}: FID must be a finite number, got {fid}")
     mlf = tracking.client(cfg)
+    for key, value in (figures or {}).items():
+        mlf.set_model_version_tag(name, str(version), key, repr(float(value)))
     mlf.set_model_version_tag(name, str(version), TAG_FID, repr(fid))
     return update_champion(mlf, name, cfg.registry.champion_alias)
 
 
-# -- a version's own artifacts ------------------------------------------------------------------------------
-def _download(cfg: Config, artifact_uri: str, dst: str) -> Path:
-    import mlflow
-
-    tracking.quiet_mlflow()  # also in Ray actors (the benchmark's samplers), which never made a client
-    with tracking.activated(cfg):
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
-
-
-def version_artifact(cfg: Config, model_uri: str, key: str, dst: str) -> Path:
-    """One of a registered version's pyfunc artifacts (``generator`` or ``metadata``), downloaded below ``dst``
-    through MLflow (the tracking server or store; no access to the run's storage needed)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlmodel = yaml.safe_load(_download(cfg, f"{model_uri}/MLmodel", dst).read_text()) or {}
-        rel = mlmodel["flavors"]["python_function"]["artifacts"][key]["path"]
-    except MlflowException as exc:
-        raise LookupError(scrub_text(f"{model_uri}: cannot read the version's model "
-                                     f"({exc.message.splitlines()[0]})")) from None
-    except (KeyError, TypeError):
-        raise LookupError(f"{model_uri}: the version's model has no {key!r} artifact (not registered by sketchgan: "
-                          "`sketchgan train` registers its runs when registry.auto_register is on)") from None
-    return _download(cfg, f"{model_uri}/{rel}", dst)
-
-
-def version_metadata(cfg: Config, model_uri: str) -> dict[str, Any]:
-    """The run metadata logged with a registered version (architecture, config, sketch set, lineage)."""
-    with tempfile.TemporaryDirectory(prefix="sketchgan-version-") as d:
-        return json.loads(version_artifact(cfg, model_uri, ARTIFACT_METADATA, d).read_text())
-
-
-def load_version_generator(cfg: Config, model_uri: str, arch: dict[str, Any], device=None):
-    """A registered version's generator from its own weights (downloaded, loaded, then the download removed)."""
-    from pipeline.models import factory
-
-    with tempfile.TemporaryDirectory(prefix="sketchgan-version-") as d:
-        return factory.load_generator(str(version_artifact(cfg, model_uri, ARTIFACT_G, d)), arch, device)
-
-
-# -- resolving references -----------------------------------------------------------------------------------
 def _from_version(cfg: Config, v) -> ResolvedModel:
     tags = v.tags or {}
     model_uri = f"models:/{v.name}/{v.version}"
@@ -362,16 +338,17 @@ def list_champions(cfg: Config) -> list[ResolvedModel]:
 
 
 def model_lines(cfg: Config) -> list[str]:
-    """One line per registered model: name, versions, aliases, FID per version."""
+    """One line per registered model: name, versions, aliases, FID and the other benchmark figures per version."""
     mlf = tracking.client(cfg)
     lines = []
     for m in _our_models(mlf, cfg):
         versions = _versions(mlf, m.name)
         aliases = {str(a): str(n) for a, n in (mlf.get_registered_model(m.name).aliases or {}).items()}
-        fids = [f"v{v.version}={_fid_of(v):.4f}" for v in versions if _fid_of(v) is not None]
+        figures = {key: " ".join(f"v{v.version}={float(v.tags[key]):.4g}" for v in versions if (v.tags or {}).get(key))
+                   for key in (TAG_FID_VALIDATION, TAG_FID, *BENCHMARK_TAGS)}
         lines.append(f"{m.name}  versions: {','.join(str(v.version) for v in versions) or '-'}"
-                     f"  aliases: {','.join(f'{a}=v{n}' for a, n in sorted(aliases.items())) or '-'}"
-                     f"  fid: {' '.join(fids) or '-'}")
+                     f"  aliases: {','.join(f'{a}=v{n}' for a, n in sorted(aliases.items())) or '-'}  "
+                     + "  ".join(f"{key}: {text or '-'}" for key, text in figures.items()))
     return lines
 
 

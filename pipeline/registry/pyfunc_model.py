@@ -27,6 +27,19 @@ MAX_ROWS = 4096  # per predict() call: keeps one request from exhausting memory
 
 
 # -- the pyfunc -------------------------------------------------------------------------------------------
+def pip_requirements() -> list[str]:
+    """What the logged code imports, pinned at this environment's versions (the project itself travels as code)."""
+    import importlib.metadata as md
+
+    reqs = []
+    for dist in ("torch", "numpy", "pandas", "pydantic", "PyYAML", "pyarrow", "boto3", "pillow", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={md.version(dist).split('+')[0]}")
+        except md.PackageNotFoundError:
+            pass
+    return reqs
+
+
 def signature(size: int):
     """The logged signature: seeds (+ optional ψ) in, uint8 N x size x size x 3 images out."""
     from mlflow.models import ModelSignature

@@ -1,4 +1,4 @@
-"""FID of the generator being trained against an evaluation set, at intervals (rank 0 only).
+"""FID of the generator being trained against an evaluation set's validation part, at intervals (rank 0 only).
 
 Uses the FID issue's code (`pipeline.eval`): the configured feature extractor, the cached reference
 statistics of the evaluation set, and the same latent seeding as the benchmark. The global RNG is left as
@@ -21,7 +21,8 @@ class FidEvaluator:
 
         self.cfg, self.device = cfg, device
         self.extractor = build_extractor(cfg.eval, device=device)
-        self.ref = reference_stats(cfg, evalset_uri, self.extractor)
+        # the validation part: the benchmark reports the test part, which no training choice sees
+        self.ref = reference_stats(cfg, evalset_uri, self.extractor, part="validation")
 
     def __call__(self, G: torch.nn.Module) -> float:
         from pipeline.eval.fid import extract_features, feature_statistics, frechet_distance

@@ -134,7 +134,8 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
                      "fingerprints": spec.fingerprints()}
             if ckpt_now:
                 saved = run_store.save_checkpoint(spec.run_uri, n_done, state, keep=run.keep_checkpoints)
-            if new_best:  # kept beside the rotating latest ones
+            if new_best:  # kept beside the rotating latest ones, with its generator ready to publish
+                run_store.save_best_generator(spec.run_uri, n_done, final_generator(step))
                 run_store.save_checkpoint(spec.run_uri, n_done, state, keep=run.keep_checkpoints, name="best")
         if rank == 0 and n_done % run.sample_every == 0 and not last:
             run_store.write_samples(spec.run_uri, final_generator(step), sample_z, n_done, device)

@@ -79,6 +79,16 @@ def save_checkpoint(run_uri: str, iteration: int, state: dict, keep: int, name: 
     return uri
 
 
+def save_best_generator(run_uri: str, iteration: int, published_g: torch.nn.Module) -> None:
+    """The generator of a new best checkpoint, ready to publish beside the last one (written before best.pt;
+    named by its iteration, so a run resumed from before it never publishes a best it rolled back)."""
+    uri = layout.best_generator_uri(run_uri, iteration)
+    save_state_dict(published_g, uri)
+    for old in storage.list_files(layout.checkpoints_uri(run_uri), suffix=".pth"):
+        if old != uri:
+            storage.delete(old)
+
+
 def load_checkpoint(uri: str) -> dict:
     """A checkpoint written by `save_checkpoint` (tensors and plain containers only)."""
     try:
@@ -98,6 +108,11 @@ def write_final(spec: RunSpec, published_g: torch.nn.Module, discriminators: dic
     run_final = layout.final_uri(spec.run_uri)
     with storage.staged_publish(run_final, marker=layout.FINAL_METADATA) as staging:
         g_sha = save_state_dict(published_g, storage.join(staging, layout.G_FILE))
+        best_g = layout.best_generator_uri(spec.run_uri, best["iteration"]) if best else None
+        if best_g is not None and storage.exists(best_g):  # registration may take it instead (registry.checkpoint)
+            data = storage.read_bytes(best_g)
+            storage.write_bytes(storage.join(staging, layout.G_BEST_FILE), data)
+            best = {**best, "g_sha256": sha256_of(data)}
         for name, module in discriminators.items():
             save_state_dict(module, storage.join(staging, name))
         base_sha = spec.base_g_sha256
