@@ -122,7 +122,16 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
 
     # Second run through the CLI, over `champions` and run B: the reference statistics are reused, the
     # champion (run A's weights) scores what run A scored, and its FID lands on the model version.
-    cfg = with_overrides(cfg, [f"eval.models=[{{model: champions, n: 12}}, {{model: {run_b}, n: 10}}]"])
+    # With VGG-16 weights, precision and recall use its fc2 features (a seeded random VGG here).
+    import torchvision
+
+    from pipeline.eval.vgg import VGG16Features
+    from pipeline.models.checkpoints import save_state_dict
+
+    torch.manual_seed(0)
+    save_state_dict(torchvision.models.vgg16(weights=None), tmp_path / "vgg16.pth")
+    cfg = with_overrides(cfg, [f"eval.models=[{{model: champions, n: 12}}, {{model: {run_b}, n: 10}}]",
+                               f"eval.vgg_weights={tmp_path / 'vgg16.pth'}"])
     config_file = tmp_path / "bench.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     caplog.clear()
@@ -134,6 +143,10 @@ def test_benchmark_over_run_uris_in_ray(tmp_path, ray_local, caplog, capsys):
     assert [(r["model"], r["version"], r["category"]) for r in again] == [
         (name, version, "cat"), ("horse-b", "", "horse")]
     assert [r["fid"] for r in again] == pytest.approx([r["fid"] for r in table], rel=1e-9)
+    vgg = VGG16Features(str(tmp_path / "vgg16.pth"))
+    fake_images = np.concatenate(list(generate_batches(generator, 12, cfg.eval.seed, 1.0, 8, torch.device("cpu"))))
+    want = metrics.precision_recall(vgg(load_evalset_images(cats, "test")), vgg(fake_images), k=3)
+    assert (again[0]["precision"], again[0]["recall"]) == pytest.approx(want, abs=1e-9)
     tags = client.get_model_version(name, version).tags
     assert float(tags[mlflow_registry.TAG_FID]) == pytest.approx(rows[0]["fid"], rel=1e-9)
     for key in ("precision", "recall", "ppl", "sketch_fidelity"):  # the version carries every figure

@@ -122,3 +122,24 @@ def test_lpips_matches_its_definition_and_refuses_foreign_files(tmp_path):
         LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "bad_lin.pth"))
     with pytest.raises(ValueError, match="lpips_vgg.pth: not torchvision's vgg16 state dict"):
         LPIPS(str(tmp_path / "lpips_vgg.pth"))
+
+
+def test_vgg16_fc2_features_are_torchvision_s_own(tmp_path):
+    import torchvision
+
+    from pipeline.eval.vgg import VGG16Features
+    from pipeline.models.checkpoints import save_state_dict
+
+    torch.manual_seed(1)
+    vgg = torchvision.models.vgg16(weights=None).eval()
+    save_state_dict(vgg, tmp_path / "vgg16.pth")
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    got = VGG16Features(str(tmp_path / "vgg16.pth"))(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():  # fc2 after its ReLU: torchvision's classifier up to (not including) the second dropout
+        h = torch.flatten(vgg.avgpool(vgg.features(x)), 1)
+        want = torch.relu(vgg.classifier[3](torch.relu(vgg.classifier[0](h)))).numpy()
+    assert got.shape == (2, 4096) and np.allclose(got, want, atol=1e-5)

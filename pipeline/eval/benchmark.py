@@ -67,7 +67,7 @@ class SampleWorker:
         self.extractor = build_extractor(self.cfg.eval, self.device)
         # Ray does not pin actors to cores: resize on as many threads as the actor reserved CPUs.
         self.extractor.resize_threads = self.cfg.eval.resize_threads or max(1, threads)
-        self.classifier = self.sketcher = self.lpips = None
+        self.classifier = self.sketcher = self.lpips = self.vgg = None
         if self.cfg.eval.classifier:
             from pipeline.eval.shape_classifier import load_classifier
 
@@ -102,14 +102,39 @@ class SampleWorker:
         kept: list[np.ndarray] = []
         if sketches_uri and ev.fidelity_samples:
             batches = self._kept(batches, kept, ev.fidelity_samples)
+        vgg_feats: list[np.ndarray] = []
+        if ev.vgg_weights:  # precision/recall in VGG-16 fc2 features, as the paper measures them
+            batches = self._vgg_featurised(batches, vgg_feats)
         out = {"feats": extract_features(batches, self.extractor, ev.batch_size),
                "target_share": counted["target"] / counted["all"] if counted["all"] else None}
+        if vgg_feats:
+            out["pr_feats"] = np.concatenate(vgg_feats)
         if kept:
             out["sketch_fidelity"] = self._fidelity(np.concatenate(kept)[:ev.fidelity_samples], sketches_uri)
         if ev.ppl_samples:
             out["ppl"], out["ppl_distance"] = self._path_length(generator)
         out["seconds"] = time.perf_counter() - start
         return out
+
+    def _vgg(self):
+        if self.vgg is None:
+            from pipeline.eval.vgg import VGG16Features
+
+            self.vgg = VGG16Features(self.cfg.eval.vgg_weights).to(self.device)
+        return self.vgg
+
+    def _vgg_featurised(self, batches, out: list[np.ndarray]):
+        for batch in batches:
+            out.append(self._vgg()(np.asarray(batch)))
+            yield batch
+
+    def evalset_pr_features(self, evalset_uri: str, part: str) -> np.ndarray:
+        """VGG-16 fc2 features of an evaluation set's part (precision/recall with eval.vgg_weights)."""
+        from pipeline.eval.refstats import load_evalset_images
+
+        images = load_evalset_images(evalset_uri, part)
+        step = self.cfg.eval.batch_size
+        return np.concatenate([self._vgg()(images[i:i + step]) for i in range(0, len(images), step)])
 
     @staticmethod
     def _kept(batches, kept: list[np.ndarray], m: int):
@@ -229,11 +254,14 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
                                                                 sketches.get(s.sketches_uri))
                for i, s in enumerate(specs)]
     refs: dict[str, ReferenceStats] = {}
+    pr_real: dict[str, np.ndarray] = {}  # VGG-16 features of the evaluation sets, with eval.vgg_weights
     for i, uri in enumerate(dict.fromkeys(s.evalset for s in specs)):
         worker = workers[i % len(workers)]
         compute = lambda u, p, w=worker: ray.get(w.evalset_features.remote(u, p))
         # the test part: training chose checkpoints (and the champion) on the validation part
         refs[uri] = reference_stats(cfg, uri, extractor, compute_features=compute, part=TEST_PART)
+        if cfg.eval.vgg_weights:
+            pr_real[uri] = ray.get(worker.evalset_pr_features.remote(uri, TEST_PART))
     rows, bar = [], Progress("benchmark", len(specs), unit="model")
     for spec, future in zip(specs, pending):
         try:
@@ -243,7 +271,10 @@ def _score_all(cfg: Config, specs: list[ModelSpec], extractor: FeatureExtractor,
             raise BenchmarkError(f"model {spec.label}: sampling failed: {cause}") from None
         start = time.perf_counter()
         fid, kid = score(got["feats"], refs[spec.evalset], cfg)
-        precision, recall = precision_recall(refs[spec.evalset].feats, got["feats"], k=cfg.eval.pr_k)
+        if "pr_feats" in got:
+            precision, recall = precision_recall(pr_real[spec.evalset], got["pr_feats"], k=cfg.eval.pr_k)
+        else:
+            precision, recall = precision_recall(refs[spec.evalset].feats, got["feats"], k=cfg.eval.pr_k)
         extra = {k: got[k] for k in ("target_share", "sketch_fidelity", "ppl", "ppl_distance")
                  if got.get(k) is not None}
         rows.append({"model": spec.label, "version": spec.version, "category": spec.category,
@@ -280,7 +311,9 @@ def log_to_mlflow(cfg: Config, rows: list[dict[str, Any]], files: dict[str, byte
         params = {"benchmark": cfg.eval.name, "extractor": extractor.name,
                   "extractor_version": extractor.version, "protocol": PROTOCOL, "models": len(rows),
                   "seed": cfg.eval.seed, "truncation": cfg.eval.truncation,
-                  "kid_subsets": cfg.eval.kid_subsets, "kid_subset_size": cfg.eval.kid_subset_size}
+                  "kid_subsets": cfg.eval.kid_subsets, "kid_subset_size": cfg.eval.kid_subset_size,
+                  "pr_k": cfg.eval.pr_k, "pr_features": "vgg16-fc2" if cfg.eval.vgg_weights else extractor.name,
+                  "evalset_part": TEST_PART}
         for key, value in params.items():
             client.log_param(run_id, key, value)
         for row in rows:

@@ -23,18 +23,11 @@ class LPIPS(nn.Module):
     """``lpips(a, b)`` -> one distance per pair of images (N x 3 x H x W in [-1, 1])."""
 
     def __init__(self, vgg_weights: str, lpips_weights: str | None = None):
-        import torchvision
-
+        from pipeline.eval.vgg import load_vgg16
         from pipeline.models.checkpoints import load_state_dict
 
         super().__init__()
-        vgg = torchvision.models.vgg16(weights=None)
-        try:
-            vgg.load_state_dict(load_state_dict(vgg_weights), strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"{vgg_weights}: not torchvision's vgg16 state dict ({str(exc).splitlines()[0]})") \
-                from None
-        self.features = vgg.features[:LAYERS[-1] + 1].eval().requires_grad_(False)
+        self.features = load_vgg16(vgg_weights).features[:LAYERS[-1] + 1]
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
         weights = [torch.ones(1, c, 1, 1) for c in CHANNELS]

@@ -67,7 +67,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:
-    """The rows as a JSON list (every column; ``fid_base`` and ``target_share`` null where not measured)."""
+    """The rows as a JSON list (every column; optional ones null where not measured)."""
     keys = COLUMNS + OPTIONAL
     return json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=1) + "\n"
 
@@ -79,7 +79,10 @@ def to_parquet(rows: list[dict[str, Any]]) -> bytes:
     schema = pa.schema([("model", pa.string()), ("version", pa.string()), ("category", pa.string()),
                         ("sketch_set", pa.string()), ("n", pa.int64()), ("fid", pa.float64()),
                         ("kid", pa.float64()), ("seconds", pa.float64()), ("evalset", pa.string()),
-                        ("fid_base", pa.float64()), ("target_share", pa.float64()), ("baseline", pa.bool_())])
+                        ("precision", pa.float64()), ("recall", pa.float64()), ("fid_base", pa.float64()),
+                        ("target_share", pa.float64()), ("sketch_fidelity", pa.float64()),
+                        ("sketch_fidelity_base", pa.float64()), ("ppl", pa.float64()), ("ppl_distance", pa.string()),
+                        ("baseline", pa.bool_())])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
     return buf.getvalue()
