@@ -95,9 +95,15 @@ def test_garbage_empty_and_missing_files(tmp_path):
         load_state_dict(tmp_path / "nope.pth")
 
 
-def test_rosinality_wrapper_unwrapped(tmp_path):
+def test_rosinality_checkpoint_loads_its_g_ema_weights(tmp_path):
+    torch.manual_seed(1)
     G = tiny_g()
     path = tmp_path / "550000.pt"
     torch.save({"g_ema": G.state_dict(), "d": Discriminator(32, channel_max=8).state_dict()}, path)
     # two wrapped dicts: "d" is not a known wrapper key, so g_ema is picked
-    load_into(tiny_g(), load_state_dict(path), source=str(path))
+    torch.manual_seed(2)
+    loaded = tiny_g()
+    assert not torch.equal(loaded.input.input, G.input.input)  # other weights before loading
+    load_into(loaded, load_state_dict(path), source=str(path))
+    want = G.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())

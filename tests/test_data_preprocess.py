@@ -245,7 +245,7 @@ def test_sketch_actor_leaves_a_cpu_for_reads_even_on_a_one_cpu_node(monkeypatch)
         assert (plan["num_cpus"], plan["threads"], plan["actors"]) == (reserved, cpus, 1), cpus
 
 
-def test_photosketch_in_bf16_stays_within_a_grey_level_or_two_of_fp32(ray_local, lmdbs, tmp_path):
+def test_photosketch_in_bf16_flips_only_line_edges_and_the_manifest_says_so(ray_local, lmdbs, tmp_path):
     # data.sketch_precision: bf16 is the fast path on CPUs with bf16 matrix units (and on GPUs); the sketches
     # must stay close to fp32's, and the manifest and dataset id must say which precision made them.
     import torch
@@ -273,6 +273,6 @@ def test_photosketch_in_bf16_stays_within_a_grey_level_or_two_of_fp32(ray_local,
     print(f"bf16 vs fp32 sketches: mean {diff.mean():.2f} grey levels, {(diff > 64).mean():.2%} of pixels off by "
           f"more than 64, line IoU {iou:.3f}")
     # These deterministic weights give near-binary sketches, so bf16's rounding flips a few pixels on the lines'
-    # edges (measured: mean 2.2 levels, 1.1 % of pixels off by > 64, line IoU 0.987); it must stay at that.
+    # edges (measured: mean 2.2 levels, 1.1 % of pixels off by > 64, line IoU 0.987); it must stay near that.
     assert 0.05 < dark32.mean() < 0.95  # lines and background both present, so agreement means something
-    assert diff.mean() < 3.0 and (diff > 64).mean() < 0.02 and iou > 0.9
+    assert diff.mean() < 2.8 and (diff > 64).mean() < 0.016 and iou > 0.975

@@ -69,8 +69,15 @@ def test_whole_chain_via_ray_job_submit(cluster):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow.url)
+    versions = client.search_model_versions("name='sketchgan-shapes-triangles'")
+    assert [v.version for v in versions] == ["1"]  # one run, one version (a fresh server)
     version = client.get_model_version_by_alias("sketchgan-shapes-triangles", "champion")
-    assert int(version.version) >= 1
-    # the benchmark table
-    table = storage.read_text(f"{root}/benchmarks/e2e/results.md")
-    assert "train-triangles" in table or "sketchgan-shapes-triangles" in table
+    assert version.version == "1"
+    # the benchmark: the version and the base scored on the same (test part of the) evaluation set
+    results = json.loads(storage.read_text(f"{root}/benchmarks/e2e/results.json"))
+    rows = {(r["model"], r["baseline"]): r for r in results}
+    row = rows[("sketchgan-shapes-triangles", False)]
+    assert row["version"] == "1" and row["fid"] > 0 and row["fid_base"] == rows[("base", True)]["fid"]
+    assert 0 <= row["precision"] <= 1 and row["sketch_fidelity"] >= 0
+    assert float(client.get_model_version("sketchgan-shapes-triangles", "1").tags["fid"]) == row["fid"]
+    assert "sketchgan-shapes-triangles" in storage.read_text(f"{root}/benchmarks/e2e/results.md")

@@ -99,9 +99,10 @@ def test_no_infra_file_disables_auth():
 def test_cluster_launcher_starts_ray_with_token_auth():
     cfg = load_all(INFRA / "aws/cluster.yaml")[0]
     assert cfg["provider"]["type"] == "aws"
-    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-    assert all("RAY_AUTH_MODE=token" in c for c in starts if c.strip().startswith("RAY_AUTH_MODE") or
-               "ray start" in c)
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):  # each kind starts Ray, with the token
+        starts = [c for c in cfg[kind] if "ray start" in c]
+        assert starts, f"{kind}: no `ray start`"
+        assert all("RAY_AUTH_MODE=token" in c for c in starts), starts
     gpu_types = [t for t in cfg["available_node_types"].values()
                  if t["node_config"]["InstanceType"].startswith(("g", "p"))]
     assert gpu_types, "no GPU worker type"

@@ -3,6 +3,9 @@ the shape classifier and its penultimate features as a FID feature extractor. No
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.synthetic import BACKGROUNDS, SHAPES, generate_shape_images, render_shape
 from pipeline.eval.features import FeatureExtractor, build_extractor
-from pipeline.eval.fid import extract_features, fid_from_features, fid_from_images
+from pipeline.eval.fid import extract_features, fid_from_images
 from pipeline.eval.shape_classifier import (
     CLASSIFIER_ENV,
     ShapeClassifier,
@@ -23,6 +26,7 @@ from pipeline.eval.shape_classifier import (
 )
 
 BENCH_BACKGROUNDS = ("flat", "gradient")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # shape_customisation's constants
 
 
 def test_shapes_category_is_balanced_and_varied():
@@ -48,14 +52,12 @@ def test_background_kinds_parameter_keeps_the_default_and_restricts():
         generate_shape_images(3, 32, backgrounds=("plaid",))
 
 
-def test_classifier_learns_shapes_and_round_trips(tmp_path):
-    # a smoke run (the benchmark itself trains the real one and checks its held-out accuracy >= 0.95)
+def test_classifier_training_round_trips_through_a_file(tmp_path):
+    # a smoke run of the training code (1 epoch learns nothing yet: accuracy is test_committed_classifier_...)
     x, y = generate_shape_images(192, 32, seed=11, backgrounds=BENCH_BACKGROUNDS)
-    xt, yt = generate_shape_images(60, 32, seed=12, backgrounds=BENCH_BACKGROUNDS)
+    xt, _ = generate_shape_images(60, 32, seed=12, backgrounds=BENCH_BACKGROUNDS)
     result = train_classifier(x, y, SHAPES, epochs=1, width=8, feature_dim=16)
-    assert 0.0 <= result.train_accuracy <= 1.0 and result.seconds > 0
-    assert 0.0 <= accuracy(result.classifier, xt, yt) <= 1.0
-    assert set(predict(result.classifier, xt)) <= set(SHAPES)
+    assert result.seconds > 0 and set(predict(result.classifier, xt)) <= set(SHAPES)
     path = str(tmp_path / "cls.pt")
     save_classifier(result.classifier, path)
     loaded = load_classifier(path)
@@ -74,9 +76,16 @@ def test_penultimate_features_plug_into_fid(tmp_path, monkeypatch):
     # the extractor is the classifier's penultimate layer on the (identity-sized) images
     direct = clf.features(torch.from_numpy(images).permute(0, 3, 1, 2).float()).detach().numpy()
     assert np.allclose(feats, direct, atol=1e-3)
-    assert fid_from_images(images[:60], images[:60], ext) == pytest.approx(0.0, abs=1e-3)
-    circles = feats[[lab == "circle" for lab in labels]]
-    assert fid_from_features(feats, circles) >= 0
+    # FID in the committed (trained) classifier's features: measured 4e-10 for a set against itself, 0.30
+    # between two sets of rendered shapes, 135 against uniform noise (an untrained net's differences are ~1e-7)
+    from pipeline.demo import CLASSIFIER
+
+    trained = ShapeFeatureExtractor(load_classifier(str(CLASSIFIER)), resize_threads=1)
+    other, _ = generate_shape_images(60, 32, seed=6, backgrounds=BENCH_BACKGROUNDS)
+    noise = np.random.default_rng(0).integers(0, 256, other.shape, dtype=np.uint8)
+    assert fid_from_images(images[:60], images[:60], trained) < 1e-3
+    assert 0.05 < fid_from_images(images[:60], other, trained) < 5
+    assert fid_from_images(images[:60], noise, trained) > 50
     # the module:factory hook of eval.feature_extractor
     path = tmp_path / "cls.pt"
     save_classifier(clf, str(path))
@@ -96,12 +105,14 @@ def test_benchmark_config_is_valid():
 def test_committed_classifier_tells_shapes_apart():
     # the classifier the demo and the benchmark score with (benchmarks/assets/shape_classifier), on shapes it
     # never saw (its training and held-out seeds are 101 and 102)
+    from shape_customisation import MIN_HELD_OUT_ACCURACY  # the benchmark's gate (it raises below it)
+
     from pipeline.demo import CLASSIFIER
 
     classifier = load_classifier(str(CLASSIFIER))
     images, labels = generate_shape_images(600, 32, seed=909, backgrounds=BENCH_BACKGROUNDS)
     assert classifier.classes == SHAPES
-    assert accuracy(classifier, images, labels) >= 0.97
+    assert accuracy(classifier, images, labels) >= max(0.97, MIN_HELD_OUT_ACCURACY)  # measured 1.0
 
 
 def test_demo_customises_the_committed_base_with_its_architecture():

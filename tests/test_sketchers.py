@@ -61,7 +61,7 @@ def test_sketch_precision_resolution(monkeypatch):
         sketchers.resolve_sketch_precision("photosketch", "fp16")
 
 
-def test_photosketch_runs_in_bf16_close_to_fp32():
+def test_photosketch_in_bf16_is_within_one_grey_level_of_fp32_on_average():
     from pipeline.models.photosketch import PhotoSketch
 
     torch.manual_seed(0)
@@ -71,4 +71,6 @@ def test_photosketch_runs_in_bf16_close_to_fp32():
         y32 = net(x)
         y16 = net.to(torch.bfloat16)(x.bfloat16())
     assert y16.dtype == torch.bfloat16 and y16.shape == y32.shape == (2, 1, 32, 32)
-    assert (y16.float() - y32).abs().mean() < 0.02  # about one grey level
+    # measured: mean 0.55 grey levels (0.0043 in [-1, 1]), at most 3.0; allowed: one grey level on average
+    diff = (y16.float() - y32).abs() * 127.5
+    assert diff.mean() < 1.0 and diff.max() < 8

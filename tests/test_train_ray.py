@@ -187,7 +187,7 @@ def test_small_datasets_are_split_once_into_one_part_per_rank(ray_local):
         raytrain.image_datasets(files, 12)
 
 
-def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
+def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16_unlike_fp32(world, base):
     cfg = train_cfg(world, "train.run_prefix=multi", "train.sketch_sets=[{name: tri}, {name: tri2}]",
                     "train.num_workers=2", "train.precision=bf16", "train.iterations=2", "train.batch_size=4",
                     "train.max_concurrent_runs=2")
@@ -201,6 +201,11 @@ def test_two_sketch_sets_at_once_with_two_workers_each_in_bf16(world, base):
             assert math.isfinite(m["final_metrics"][key]), (name, key)
         assert all(torch.isfinite(t).all() for t in weights(s["run_uri"]).values())
     assert summaries["multi-tri"]["metadata"]["g_sha256"] != summaries["multi-tri2"]["metadata"]["g_sha256"]
+    # bf16 really ran: the same run in fp32 (same seed, data and workers) ends with other weights
+    fp32 = raytrain.train_all(train_cfg(world, "train.run_prefix=multi32", "train.sketch_sets=[{name: tri}]",
+                                        "train.num_workers=2", "train.iterations=2", "train.batch_size=4"))[0]
+    a, b = weights(summaries["multi-tri"]["run_uri"]), weights(fp32["run_uri"])
+    assert any(not torch.equal(a[k], b[k]) for k in a), "the bf16 run trained exactly the fp32 weights"
 
 
 def test_train_command_registers_finished_runs_once(world, straight, tmp_path, capsys):
