@@ -86,9 +86,8 @@ def render_blend(pa: Parent, pb: Parent, space: str, alphas: list[float], seeds:
         G = blended_generator(pa, pb, alpha)
         if space == "weights":
             w = G.get_latent(z)
-        else:
-            w = torch.lerp(pa.G.get_latent(z), pb.G.get_latent(z), alpha) if 0 < alpha < 1 else \
-                (pa.G if alpha == 0 else pb.G).get_latent(z)
+        else:  # lerp is exact at its ends: alpha 0 and 1 give the parents' own w
+            w = torch.lerp(pa.G.get_latent(z), pb.G.get_latent(z), alpha)
         if psi < 1:
             centre = sampling.mean_w(G, device)
             w = centre + psi * (w - centre)

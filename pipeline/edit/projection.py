@@ -197,7 +197,7 @@ def run_project(cfg, image: str, base: str, out: str, settings: ProjectSettings,
 
     from pipeline.data.images import encode_png, grid_png
     from pipeline.models import factory
-    from pipeline.models.sampling import to_uint8
+    from pipeline.models.sampling import mean_w, to_uint8
     from pipeline.progress import Progress
     from pipeline.registry.mlflow_registry import resolve_model
 
@@ -223,7 +223,7 @@ def run_project(cfg, image: str, base: str, out: str, settings: ProjectSettings,
     want = to_uint8(target)[0]
     got = render_latent(G, record, device)[0]
     with torch.no_grad():
-        mean_image = to_uint8(G([G.mean_latent(4096)], input_is_latent=True, randomize_noise=False)[0])[0]
+        mean_image = to_uint8(G([mean_w(G, device)], input_is_latent=True, randomize_noise=False)[0])[0]
     latent_uri = storage.join(out, layout.PROJECTED_LATENT)
     recon_uri = storage.join(out, layout.RECONSTRUCTION)
     save_latent(record, latent_uri)
