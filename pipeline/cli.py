@@ -149,6 +149,14 @@ COMMANDS: list[Command] = [
             ], subcommand="compute"),
     Command("pipeline", "run the whole chain from one config (what jobs/pipeline.py submits)",
             commands.pipeline_command),
+    Command("studio", "the web studio: draw sketch sets, customise, watch runs, compare and use models",
+            commands.studio_command, [
+                to_key("--port", key="studio.port", type=int, help="port (default 8765)"),
+                to_key("--host", key="studio.host", help="address to bind (default 127.0.0.1; any other needs "
+                                                         "SKETCHGAN_STUDIO_TOKEN)"),
+                to_key("--ray-address", key="studio.ray_address",
+                       help="a cluster's Jobs API, http://HEAD:8265 (default: a local Ray instance)"),
+            ], default_config=str(DEMO_CONFIG)),
     Command("demo", "run the whole pipeline on generated data on this machine", commands.demo_command,
             default_config=str(DEMO_CONFIG)),
 ]

@@ -175,6 +175,16 @@ def pipeline_command(cfg: Config) -> int:
     return 0
 
 
+def studio_command(cfg: Config) -> int:
+    from pipeline.config import updated
+    from pipeline.demo import committed_assets
+    from pipeline.studio.server import serve
+
+    # like the demo: the committed toy base unless the config names one
+    serve(updated(cfg, committed_assets(cfg)) if not cfg.model.base_g else cfg)
+    return 0
+
+
 def demo_command(cfg: Config) -> int:
     from pipeline.demo import run_demo
 

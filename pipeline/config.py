@@ -6,34 +6,21 @@ error names the field (``train.no_such_knob: extra inputs are not permitted``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
+from pipeline.config_types import Location, Section
 from pipeline.names import validate_name
+from pipeline.studio.settings import StudioConfig
 
 DEFAULT_ROOT = ".sketchgan"
 
 
-def absolute_location(v: str | None) -> str | None:
-    """A local path made absolute (URIs unchanged): Ray workers run elsewhere, relative means the caller's."""
-    if not v or "://" in v:
-        return v
-    return os.path.abspath(os.path.expanduser(v))
-
-
-Location = Annotated[str, AfterValidator(absolute_location)]  # a local path or URI, e.g. s3://bucket/key
-
-
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the culprit."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class StorageConfig(Section):
@@ -306,6 +293,7 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    studio: StudioConfig = Field(default_factory=StudioConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

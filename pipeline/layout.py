@@ -358,3 +358,26 @@ def read_metrics(run_uri: str) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{uri} line {n}: not valid JSON ({exc})") from None
     return rows
+
+
+def sample_iterations(run_uri: str) -> list[int]:
+    """The iterations at which the run wrote a sample grid (``samples/iter-<n>.png``), ascending."""
+    found = []
+    for uri in storage.list_files(samples_uri(run_uri), suffix=".png"):
+        stem = uri.rsplit("/", 1)[-1][: -len(".png")]
+        if stem.startswith("iter-") and stem[5:].isdigit():
+            found.append(int(stem[5:]))
+    return sorted(found)
+
+
+def stored_names(cfg: Config, kind: str) -> list[str]:
+    """Names of the complete artefacts of one kind below the root (``sketchsets``, ``benchmarks``...)."""
+    marker = MANIFEST if kind != "benchmarks" else BENCHMARK_FILES["json"]
+    top = join(cfg.storage.root, kind)
+    names = {uri[len(top):].strip("/").split("/")[0] for uri in storage.list_files(top, suffix=marker)}
+    return sorted(n for n in names if n)
+
+
+def studio_uri(cfg: Config) -> str:
+    """The studio's own files (uploads staged for projection, pictures it made)."""
+    return join(cfg.storage.root, "studio")

@@ -93,12 +93,17 @@ def driver_runtime_env() -> dict | None:
     return {"env_vars": ours} if ours else None
 
 
-def ensure_ray() -> None:
-    """Connect to (or start) Ray once per process; workers can import this package."""
+_dashboard_url: str | None = None  # of the Ray this process connected to (its Jobs API)
+
+
+def ensure_ray() -> str | None:
+    """Connect to (or start) Ray once per process; workers can import this package. Returns the dashboard's
+    URL (the Jobs API), when Ray reports one."""
+    global _dashboard_url
     import ray
 
     if ray.is_initialized():
-        return
+        return _dashboard_url
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:
         recorded = _recorded_cluster()
@@ -123,10 +128,12 @@ def ensure_ray() -> None:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
     dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        _dashboard_url = dashboard if "://" in dashboard else f"http://{dashboard}"
     log.info("Ray: %s%s", "started a local instance" if address in (None, "local") else f"connected to {address}",
-             f" (dashboard http://{dashboard})" if dashboard and "://" not in dashboard else
-             (f" (dashboard {dashboard})" if dashboard else ""))
+             f" (dashboard {_dashboard_url})" if dashboard else "")
     quiet_ray_data(sys.stdout.isatty())
+    return _dashboard_url
 
 
 def quiet_ray_data(interactive: bool) -> None:

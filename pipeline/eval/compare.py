@@ -40,7 +40,7 @@ def _samples(spec: ModelSpec, cfg: Config) -> np.ndarray:
     return np.concatenate(list(generate_batches(generator, COUNT, ev.seed, ev.truncation, COUNT, device, style_dim)))
 
 
-def _sketches(uri: str) -> np.ndarray:
+def first_sketches(uri: str) -> np.ndarray:
     """The set's first sketches as RGB, decoded with the pipeline's guarded decoder (size limits, clear errors)."""
     from pipeline.data.images import BadRecord, center_crop_resize, open_image, to_mode
 
@@ -55,7 +55,7 @@ def _sketches(uri: str) -> np.ndarray:
     return np.stack([np.asarray(center_crop_resize(p, size)) for p in pictures])
 
 
-def _row(label: str, images: np.ndarray, tile: int):
+def labelled_row(label: str, images: np.ndarray, tile: int):
     from PIL import Image, ImageDraw, ImageFont
 
     row = Image.new("RGB", (LABEL_WIDTH + COUNT * (tile + GAP), tile + GAP), "white")
@@ -94,7 +94,7 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
     rows = []
     for sketches_uri in dict.fromkeys(s.sketches_uri for s in customised):
         members = [s for s in customised if s.sketches_uri == sketches_uri]
-        sketches = _sketches(sketches_uri)
+        sketches = first_sketches(sketches_uri)
         pictures = [(f"sketches: {members[0].sketch_set or sketches_uri.rsplit('/', 1)[-1]}", sketches)]
         base = base_of.get(members[0].evalset)
         if base is not None:
@@ -103,7 +103,7 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
             version = f" v{spec.version}" if spec.version else ""
             pictures.append((f"{spec.label}{version}, after", samples(spec)))
         tile = tile_size(max(p.shape[1] for _, p in pictures))
-        rows += [_row(label, images, tile) for label, images in pictures]
+        rows += [labelled_row(label, images, tile) for label, images in pictures]
         rows.append(None)  # a gap between sketch sets
     rows = rows[:-1]
     width = max(r.width for r in rows if r is not None)

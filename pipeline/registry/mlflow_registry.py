@@ -352,6 +352,21 @@ def model_lines(cfg: Config) -> list[str]:
     return lines
 
 
+def registry_table(cfg: Config) -> list[dict[str, Any]]:
+    """Every registered model of this prefix: its champion and each version's aliases, FIDs and run (the
+    studio's registry view)."""
+    mlf = tracking.client(cfg)
+    table = []
+    for m in _our_models(mlf, cfg):
+        aliases = {str(a): str(n) for a, n in (mlf.get_registered_model(m.name).aliases or {}).items()}
+        versions = [{"version": str(v.version), "ref": f"models:/{m.name}/{v.version}",
+                     "aliases": sorted(a for a, n in aliases.items() if n == str(v.version)),
+                     "fid": _fid_of(v), "fid_validation": _fid_of(v, TAG_FID_VALIDATION),
+                     "run": (v.tags or {}).get(tracking.TAG_RUN_URI)} for v in _versions(mlf, m.name)]
+        table.append({"name": m.name, "champion": aliases.get(cfg.registry.champion_alias), "versions": versions})
+    return table
+
+
 def track_runs(cfg: Config, run_uris: list[str], register: bool | None = None) -> list[str]:
     """For `sketchgan pretrain` / `train` after their runs finish: log each run to MLflow and (for
     customisations, when ``registry.auto_register``) register it. MLflow being unreachable never fails

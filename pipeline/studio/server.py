@@ -1,0 +1,50 @@
+"""`sketchgan studio`: serve the app with uvicorn, on loopback unless a token is set."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from pipeline.config import Config
+from pipeline.studio.settings import TOKEN_ENV
+
+
+class StudioSecurityError(ValueError):
+    """A setting that would expose the studio without protection."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def studio_token(host: str) -> str | None:
+    """The token requests must carry: SKETCHGAN_STUDIO_TOKEN when set; required for any non-loopback address."""
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(host):
+        raise StudioSecurityError(f"refusing to listen on {host} without a token: set {TOKEN_ENV} (e.g. "
+                                  f"`export {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))')`)"
+                                  ", or bind 127.0.0.1")
+    if token is not None and len(token) < 16:
+        raise StudioSecurityError(f"{TOKEN_ENV} is too short: use at least 16 characters")
+    return token
+
+
+def serve(cfg: Config) -> None:
+    import uvicorn
+
+    from pipeline.studio.app import create_app
+
+    host, port = cfg.studio.host, cfg.studio.port
+    token = studio_token(host)
+    app = create_app(cfg, token)
+    shown = f"[{host}]" if ":" in host else host
+    # the token is the user's own secret: the address says where to put it, never prints it
+    suffix = f"/?token=${TOKEN_ENV}" if token else "/"
+    print(f"studio: http://{shown}:{port}{suffix} (Ctrl-C stops it; runs go to "
+          f"{cfg.studio.ray_address or 'a local Ray instance'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
