@@ -22,11 +22,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# What the tests start besides Python: PostgreSQL's server (tests/test_mlflow_production.py), from Debian's
-# packages when it is missing (needs root, as on CI).
+# What the tests start besides Python, from Debian's packages when missing (needs root, as on CI): PostgreSQL's
+# server (tests/test_mlflow_production.py) and Chromium, which Playwright drives (tests/test_studio_browser.py;
+# Playwright's own browser download does not work without internet).
 services:
-	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 test: $(STAMP) lint services
 	$(VENV)/bin/python -m pytest

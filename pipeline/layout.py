@@ -376,8 +376,3 @@ def stored_names(cfg: Config, kind: str) -> list[str]:
     top = join(cfg.storage.root, kind)
     names = {uri[len(top):].strip("/").split("/")[0] for uri in storage.list_files(top, suffix=marker)}
     return sorted(n for n in names if n)
-
-
-def studio_uri(cfg: Config) -> str:
-    """The studio's own files (uploads staged for projection, pictures it made)."""
-    return join(cfg.storage.root, "studio")

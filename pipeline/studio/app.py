@@ -136,6 +136,11 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None) 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    @app.exception_handler(OSError)
+    async def jobs_api_unreachable(request: Request, exc: OSError):
+        # what is left after retries: Ray's Jobs API (or storage) unreachable; said plainly, credentials masked
+        return JSONResponse({"detail": f"unavailable: {scrub_text(str(exc))[:500]}"}, status_code=503)
+
     @app.get("/api/info", summary="the studio's base, defaults and limits")
     def info() -> dict[str, Any]:
         t = cfg.train

@@ -106,8 +106,21 @@ def submit_with_retry(client, timeout: float = 60.0, **job) -> None:
         try:
             client.submit_job(**job)
             return
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+        except (RuntimeError, OSError) as exc:  # OSError: the dashboard dropped the connection
+            if (isinstance(exc, RuntimeError) and "No available agent" not in str(exc)) or \
+                    time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def with_retry(call, *args, timeout: float = 20.0, **kwargs):
+    """A Jobs API call, retried while the dashboard drops connections (it does under load on small machines)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except OSError:  # requests' ConnectionError is one
+            if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
 
@@ -169,17 +182,17 @@ class Runs:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         client = self.client()
         with self._launch_lock:  # the count and the submission together: two browsers cannot both pass the cap
-            active = [j for j in self._jobs(client) if str(j.status) in ACTIVE]
+            active = [j for j in self._jobs(client) if getattr(j.status, "value", str(j.status)) in ACTIVE]
             if len(active) >= self.cfg.studio.max_active_runs:
                 raise RunRequestError(f"{len(active)} runs are already pending or running (studio.max_active_runs"
                                       f" = {self.cfg.studio.max_active_runs}): wait for one or cancel one")
             submit_with_retry(client, entrypoint=entrypoint, submission_id=f"studio-{run_id}",
                               runtime_env=self.runtime_env(), metadata=metadata)
         log.info("studio: launched run %s on sketch set %s (%d iterations)", run_id, req.sketch_set, req.iterations)
-        return self.describe(client.get_job_info(f"studio-{run_id}"))
+        return self.describe(with_retry(client.get_job_info, f"studio-{run_id}"))
 
     def _jobs(self, client) -> list:
-        return [j for j in client.list_jobs() if (j.metadata or {}).get(STUDIO_MARK) == "1"]
+        return [j for j in with_retry(client.list_jobs) if (j.metadata or {}).get(STUDIO_MARK) == "1"]
 
     def list(self) -> list[dict[str, Any]]:
         """Every studio run, newest first."""
@@ -190,7 +203,7 @@ class Runs:
         validate_name(run_id, "run id")
         client = self.client()
         try:
-            info = client.get_job_info(f"studio-{run_id}")
+            info = with_retry(client.get_job_info, f"studio-{run_id}")
         except RuntimeError:
             info = None
         if info is None or (info.metadata or {}).get(STUDIO_MARK) != "1":
@@ -202,15 +215,15 @@ class Runs:
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         info = self.job(run_id)
-        if str(info.status) in ACTIVE:
-            self.client().stop_job(f"studio-{run_id}")
+        if getattr(info.status, "value", str(info.status)) in ACTIVE:
+            with_retry(self.client().stop_job, f"studio-{run_id}")
         return self.get(run_id)
 
     def error_text(self, submission_id: str, message: str | None) -> str:
         """Why a run failed: our command's own error lines from the job's log, else its end; secrets masked."""
         if submission_id not in self._errors:
             try:
-                logs = self.client().get_job_logs(submission_id)
+                logs = with_retry(self.client().get_job_logs, submission_id)
             except Exception:  # noqa: BLE001 - the status message still says something
                 logs = ""
             lines = [ln for ln in logs.splitlines() if ln.strip()]
