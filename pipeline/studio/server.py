@@ -34,14 +34,32 @@ def studio_token(host: str) -> str | None:
     return token
 
 
+def prepare_registry(cfg: Config) -> None:
+    """Create the tracking store and experiment once, now: runs finishing together would otherwise race to
+    create an embedded store (its schema migration is not safe for two processes at once)."""
+    import logging
+
+    from pipeline.redact import scrub_text
+    from pipeline.registry import tracking
+
+    try:
+        tracking.ensure_experiment(tracking.client(cfg), cfg)
+    except Exception as exc:  # noqa: BLE001 - the studio still works; runs say when they cannot register
+        logging.getLogger("sketchgan.studio").warning("MLflow is not reachable yet (%s)", scrub_text(str(exc)))
+
+
 def serve(cfg: Config) -> None:
     import uvicorn
 
     from pipeline.studio.app import create_app
+    from pipeline.studio.runs import Runs
 
     host, port = cfg.studio.host, cfg.studio.port
     token = studio_token(host)
-    app = create_app(cfg, token)
+    runs = Runs(cfg)
+    runs.client()  # Ray first, from the main thread (its signal handlers), before the page can ask for runs
+    prepare_registry(cfg)
+    app = create_app(cfg, token, runs)
     shown = f"[{host}]" if ":" in host else host
     # the token is the user's own secret: the address says where to put it, never prints it
     suffix = f"/?token=${TOKEN_ENV}" if token else "/"
