@@ -276,7 +276,8 @@ def test_runs_launch_progress_compare_cancel_and_failure(studio):
     code, failing = studio.request("POST", "/api/runs", {"sketch_set": "broken", "iterations": 5})
     assert code == 202
     failed = studio.wait_run(failing["id"])
-    assert failed["status"] == "FAILED" and "'a' is unreadable" in failed["error"], failed
+    assert failed["status"] == "FAILED" and "sketch 'a' in " in failed["error"], failed
+    assert "is unusable (undecodable" in failed["error"]
 
     # refused before launching: unknown sets and settings the config refuses
     code, body = studio.request("POST", "/api/runs", {"sketch_set": "nope", "iterations": 5})
