@@ -86,4 +86,5 @@ def run_demo(cfg: Config) -> None:
     cfg = updated(cfg, {"data.source": lmdb_dir, "train.sketch_sets": specs})
     report = run_chain(cfg, evalset_size=EVALSET_SIZE)
     print_where_to_look(cfg, report)
+    print("  studio:           sketchgan studio (draw a sketch set of your own and customise it in a browser)")
     print(f"\ndemo finished in {time.time() - t0:.0f}s")

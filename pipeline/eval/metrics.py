@@ -54,8 +54,9 @@ def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, b
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
                      block: int = 2048) -> tuple[float, float]:
     """Improved precision and recall of fake against real features (N x D each)."""
-    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
-    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
+    # float64 copies: the inputs may be read-only views (of cached statistics), which torch warns about
+    real = torch.tensor(np.asarray(real_features, dtype=np.float64))
+    fake = torch.tensor(np.asarray(fake_features, dtype=np.float64))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision/recall needs N x D features of one width, got {tuple(real.shape)} and "
                          f"{tuple(fake.shape)}")
