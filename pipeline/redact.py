@@ -17,7 +17,7 @@ _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api[_-]?key|a
 _URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "DATABRICKS_TOKEN", "RAY_AUTH_TOKEN",
-               "HF_TOKEN", "GITHUB_TOKEN")
+               "HF_TOKEN", "GITHUB_TOKEN", "SKETCHGAN_STUDIO_TOKEN")
 
 
 def _secret_values() -> list[str]:

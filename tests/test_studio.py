@@ -152,15 +152,15 @@ def test_base_samples_and_documented_api(client):
     assert "<canvas" in client.get("/").text
 
 
-def test_generate_edit_and_errors(client):
+def test_generate_edit_and_errors(client, studio_cfg):
     res = client.post("/api/generate", json={"model": "base", "n": 4, "edits": [
         {"component": 0, "strength": 3, "first": 0, "last": 3}], "compare": True})
     assert res.status_code == 200, res.text
     grid = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.json()["image"].split(",", 1)[1]))))
     top, bottom = grid[: grid.shape[0] // 2], grid[grid.shape[0] // 2:]
     assert np.abs(top.astype(int) - bottom.astype(int)).mean() > 2  # before and after the edit differ
-    bad = client.post("/api/generate", json={"model": "no-such-model", "n": 4})
-    assert bad.status_code == 400 and "not a registered model" in bad.json()["detail"]
+    bad = client.post("/api/generate", json={"model": f"{studio_cfg.storage.root}/runs/no-such-run", "n": 4})
+    assert bad.status_code == 400 and "a finished run (no final/metadata.json)" in bad.json()["detail"]
     assert client.post("/api/generate", json={"model": "base", "n": 1000}).status_code == 422
 
 
@@ -175,6 +175,37 @@ def test_token_required_when_set(studio_cfg):
     assert first.status_code == 303 and first.headers["location"] == "/"
     assert "httponly" in first.headers["set-cookie"].lower()
     assert guarded.get("/api/info").status_code == 200  # the client kept the cookie
+
+
+def test_pages_name_only_the_studio_s_models(client, studio_cfg, tmp_path):
+    secret_file = tmp_path / "G.pth"
+    secret_file.write_bytes(b"not for pages")
+    for ref in (str(secret_file), str(tmp_path), "s3://someone-elses-bucket/G.pth", "models:/other-model/1",
+                f"{studio_cfg.storage.root}/runs/../../etc", "/etc/passwd"):
+        res = client.post("/api/generate", json={"model": ref, "n": 1})
+        assert res.status_code == 400 and "unknown model" in res.json()["detail"], ref
+        assert client.post("/api/blend", json={"a": "base", "b": ref}).status_code == 400
+
+
+def test_bodies_are_bounded_and_pages_not_framed(client, studio_cfg):
+    huge = "x" * (studio_cfg.studio.max_sketches * studio_cfg.studio.max_upload_bytes * 2)
+    res = client.post("/api/sketchsets", content=huge, headers={"content-type": "application/json"})
+    assert res.status_code == 413 and "request too large" in res.json()["detail"]
+    page = client.get("/")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_a_loopback_studio_answers_only_loopback_names(studio_cfg):
+    from pipeline.studio.server import allowed_hosts
+
+    guarded = TestClient(create_app(studio_cfg, allowed_hosts=allowed_hosts("127.0.0.1")),
+                         base_url="http://127.0.0.1:8765")
+    assert guarded.get("/api/info").status_code == 200
+    assert guarded.get("/api/info", headers={"host": "localhost:8765"}).status_code == 200
+    # a page of another site whose name now points at 127.0.0.1 (DNS rebinding)
+    assert guarded.get("/api/info", headers={"host": "attacker.example:8765"}).status_code == 400
+    assert allowed_hosts("0.0.0.0") is None  # every address: the token protects it
 
 
 def test_other_addresses_need_a_token(monkeypatch):

@@ -86,9 +86,11 @@ class ProjectBody(BaseModel):
 
 
 # -- the app --------------------------------------------------------------------------------------------------
-def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None) -> FastAPI:
+def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The studio for ``cfg``; with ``token`` every request must carry it (header, or the cookie the page
-    gets from ``/?token=...``)."""
+    gets from ``/?token=...``); with ``allowed_hosts`` other Host headers are refused (a page of another site
+    re-pointing its name at 127.0.0.1 must not drive a studio that has no token)."""
     app = FastAPI(title="sketchgan studio", version="1",
                   description="Draw sketch sets, customise a StyleGAN2 on them with Ray, watch, compare, use.")
     runs = runs or Runs(cfg)
@@ -96,6 +98,24 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None) 
     locks_guard = threading.Lock()
     size = cfg.model.size
     limits = cfg.studio
+
+    max_body = limits.max_sketches * (limits.max_upload_bytes * 4 // 3 + 64) + 65536  # a whole set as data URLs
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Bodies bounded before they are read; no framing by other sites."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+            if int(length) > max_body:
+                return JSONResponse({"detail": f"request too large ({int(length):,} bytes; at most {max_body:,})"},
+                                    status_code=413)
+        response = await call_next(request)
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -113,13 +133,21 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None) 
         return JSONResponse({"detail": "this studio needs its token: open the address it printed at start "
                                        "(/?token=...) or send 'Authorization: Bearer <token>'"}, status_code=401)
 
+    runs_root = storage.join(cfg.storage.root, "runs") + "/"
+    registered = f"models:/{cfg.registry.model_prefix}-"
+
     def model_ref(ref: str) -> str:
-        """'base' is the config's base generator; anything else is what `sketchgan generate --model` takes."""
+        """What a page may name: 'base' (the config's base), a run below this root, or one of this prefix's
+        registered models; never an arbitrary file or bucket of the server's."""
         if ref == "base":
             if not cfg.model.base_g:
                 raise HTTPException(400, "the studio's config has no model.base_g")
             return cfg.model.base_g
-        return ref
+        inside_runs = ref.startswith(runs_root) and ".." not in ref and "\\" not in ref
+        if inside_runs or (ref.startswith(registered) and ".." not in ref):
+            return ref
+        raise HTTPException(400, f"unknown model {ref!r}: choose 'base', a studio run or a registered "
+                                 f"{cfg.registry.model_prefix}-* model")
 
     def workdir() -> str:
         return tempfile.mkdtemp(prefix="studio-")
@@ -135,9 +163,14 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None) 
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+
+    @app.exception_handler(RuntimeError)
     @app.exception_handler(OSError)
-    async def jobs_api_unreachable(request: Request, exc: OSError):
+    async def jobs_api_unreachable(request: Request, exc: Exception):
         # what is left after retries: Ray's Jobs API (or storage) unreachable; said plainly, credentials masked
         return JSONResponse({"detail": f"unavailable: {scrub_text(str(exc))[:500]}"}, status_code=503)
 

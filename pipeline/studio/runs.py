@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shlex
 import sys
@@ -165,11 +166,30 @@ class Runs:
         env = yaml.safe_load(storage.read_text(self.cfg.studio.runtime_env)) or {}
         if not isinstance(env, dict):
             raise RunRequestError(f"studio.runtime_env {self.cfg.studio.runtime_env}: not a mapping")
+        wd = env.get("working_dir")
+        if isinstance(wd, str) and "://" not in wd and not os.path.isabs(wd):
+            # the code to ship is this package's checkout, wherever the studio was started from
+            env["working_dir"] = os.path.normpath(os.path.join(raysession.PACKAGE_ROOT, wd))
         return env
+
+    def check_reachable_storage(self) -> None:
+        """A cluster elsewhere cannot read this machine's folders: refuse a local root (or base) then."""
+        address = self.cfg.studio.ray_address
+        if address is None:
+            return
+        host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if host in ("127.0.0.1", "localhost", "::1"):
+            return  # a head on this machine shares its disk
+        local = [f"{k}={v}" for k, v in (("storage.root", self.cfg.storage.root), ("model.base_g",
+                 self.cfg.model.base_g)) if v and "://" not in v]
+        if local:
+            raise RunRequestError(f"runs go to the cluster at {address}, which cannot read this machine's "
+                                  f"folders ({', '.join(local)}): use s3:// locations")
 
     def launch(self, req: RunRequest) -> dict[str, Any]:
         """Submit one run; returns its description. Concurrent launches get distinct runs."""
         run_id = new_run_id()
+        self.check_reachable_storage()
         cfg = run_config(self.cfg, req, run_id)
         run_uri = layout.run_uri(cfg, f"studio-{run_id}-{req.sketch_set}")
         # a local job runs with this interpreter (a venv need not be on PATH); a cluster's job with its own
@@ -204,7 +224,9 @@ class Runs:
         client = self.client()
         try:
             info = with_retry(client.get_job_info, f"studio-{run_id}")
-        except RuntimeError:
+        except RuntimeError as exc:
+            if "does not exist" not in str(exc) and "404" not in str(exc):
+                raise  # the Jobs API failing is not "no such run"
             info = None
         if info is None or (info.metadata or {}).get(STUDIO_MARK) != "1":
             raise LookupError(f"no studio run {run_id!r}")
@@ -238,11 +260,16 @@ class Runs:
         status = getattr(info.status, "value", str(info.status))
         run_uri = md.get("run_uri", "")
         iterations = int(md.get("iterations", "0") or 0)
-        rows = layout.read_metrics(run_uri) if run_uri else []
+        try:
+            rows = layout.read_metrics(run_uri) if run_uri else []
+        except ValueError as exc:  # one unreadable metrics file must not hide every other run
+            log.warning("studio: %s", exc)
+            rows = []
         last = rows[-1] if rows else {}
         iteration = int(last.get("iteration", 0))
         speed = float(last.get("it_per_s") or 0)
-        eta = (iterations - iteration) / speed if status == "RUNNING" and speed > 0 else None
+        running = status == "RUNNING" and iteration < iterations  # the last iteration done: publishing
+        eta = (iterations - iteration) / speed if running and speed > 0 else None
         samples = layout.sample_iterations(run_uri) if run_uri else []
         finished = status == "SUCCEEDED" and layout.finished_run(run_uri) is not None
         return {

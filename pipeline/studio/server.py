@@ -34,6 +34,14 @@ def studio_token(host: str) -> str | None:
     return token
 
 
+def allowed_hosts(host: str) -> list[str] | None:
+    """Host headers a studio on ``host`` answers: loopback names on loopback (no DNS rebinding), any when it
+    listens on every address (the token protects it then)."""
+    if host in ("0.0.0.0", "::", "[::]"):
+        return None
+    return sorted({"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host.strip('[]')}]"})
+
+
 def prepare_registry(cfg: Config) -> None:
     """Create the tracking store and experiment once, now: runs finishing together would otherwise race to
     create an embedded store (its schema migration is not safe for two processes at once)."""
@@ -56,10 +64,11 @@ def serve(cfg: Config) -> None:
 
     host, port = cfg.studio.host, cfg.studio.port
     token = studio_token(host)
+    os.environ.pop(TOKEN_ENV, None)  # not inherited by Ray's processes and the jobs they start
     runs = Runs(cfg)
     runs.client()  # Ray first, from the main thread (its signal handlers), before the page can ask for runs
     prepare_registry(cfg)
-    app = create_app(cfg, token, runs)
+    app = create_app(cfg, token, runs, allowed_hosts=allowed_hosts(host))
     shown = f"[{host}]" if ":" in host else host
     # the token is the user's own secret: the address says where to put it, never prints it
     suffix = f"/?token=${TOKEN_ENV}" if token else "/"
