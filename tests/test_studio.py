@@ -106,6 +106,9 @@ def test_sketch_set_saved_from_drawings(client, studio_cfg):
     replaced = client.post("/api/sketchsets", json={"name": "boxes", "sketches": [data_url(drawing())],
                                                     "replace": True})
     assert replaced.status_code == 201 and replaced.json()["count"] == 1
+    import ray
+
+    assert not ray.is_initialized()  # asking whether runs use the set started no Ray of its own
 
 
 @pytest.mark.parametrize("body, message", [
@@ -162,6 +165,33 @@ def test_generate_edit_and_errors(client, studio_cfg):
     bad = client.post("/api/generate", json={"model": f"{studio_cfg.storage.root}/runs/no-such-run", "n": 4})
     assert bad.status_code == 400 and "a finished run (no final/metadata.json)" in bad.json()["detail"]
     assert client.post("/api/generate", json={"model": "base", "n": 1000}).status_code == 422
+
+
+def test_pictures_are_made_two_at_a_time(studio_cfg, monkeypatch):
+    from pipeline.studio import pictures
+
+    release, started = threading.Event(), threading.Semaphore(0)
+    real = pictures.generate_png
+
+    def slow(*args, **kwargs):  # holds its slot until released, so that a third request finds none free
+        started.release()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pictures, "generate_png", slow)
+    app = TestClient(create_app(studio_cfg))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        app.post("/api/generate", json={"model": "base", "n": 1}).status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert started.acquire(timeout=30) and started.acquire(timeout=30)
+    third = app.post("/api/generate", json={"model": "base", "n": 1})
+    assert third.status_code == 429 and "busy" in third.json()["detail"]
+    release.set()
+    for t in threads:
+        t.join()
+    assert answers == [200, 200]
 
 
 def test_token_required_when_set(studio_cfg):
@@ -269,6 +299,10 @@ def test_runs_launch_progress_compare_cancel_and_failure(studio):
     assert code == 202
     running = studio.wait_run(third["id"], states=("RUNNING",), timeout=240)
     assert running["status"] == "RUNNING"
+    # its sketch set cannot be replaced under it
+    code, body = studio.request("POST", "/api/sketchsets", {"name": "boxes", "sketches": [data_url(drawing())],
+                                                            "replace": True})
+    assert code == 409 and third["id"] in body["detail"], body
     code, _ = studio.request("POST", f"/api/runs/{third['id']}/cancel")
     assert code == 200
     assert studio.wait_run(third["id"])["status"] == "STOPPED"

@@ -8,6 +8,7 @@ is sent to a page (error texts are scrubbed of credentials).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import shutil
@@ -19,70 +20,19 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 
 from pipeline import layout, storage
 from pipeline.config import Config
 from pipeline.redact import scrub_text
 from pipeline.studio import pictures, uploads
 from pipeline.studio.runs import RunRequest, RunRequestError, Runs
+from pipeline.studio.schemas import BlendBody, GenerateBody, LaunchBody, PreviewBody, ProjectBody, SketchSetBody
 
 log = logging.getLogger("sketchgan.studio")
 
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_COOKIE = "sketchgan_studio_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
-# -- request bodies -------------------------------------------------------------------------------------------
-class PreviewBody(BaseModel):
-    image: str = Field(description="the drawing as a data URL (data:image/png;base64,...)")
-
-
-class SketchSetBody(BaseModel):
-    name: str = Field(description="the set's name: letters, digits, '_', '-', '.'")
-    sketches: list[str] = Field(description="drawings as data URLs, as drawn or uploaded")
-    replace: bool = Field(False, description="replace a set of the same name")
-
-
-class LaunchBody(BaseModel):
-    sketch_set: str
-    base: str = "base"
-    iterations: int | None = None
-    lambda_image: float | None = Field(None, ge=0)
-    augment: str | None = None
-
-
-class Edit(BaseModel):
-    component: int = Field(ge=0)
-    strength: float
-    first: int = Field(0, ge=0)
-    last: int = Field(ge=0)
-
-
-class GenerateBody(BaseModel):
-    model: str
-    n: int = Field(8, ge=1, le=64)
-    seed: int = Field(0, ge=0)
-    truncation: float = Field(1.0, gt=0, le=1)
-    interpolate: bool = False
-    edits: list[Edit] = Field(default_factory=list)
-    compare: bool = False
-
-
-class BlendBody(BaseModel):
-    a: str
-    b: str
-    space: str = "weights"
-    steps: int = Field(5, ge=2, le=16)
-    n: int = Field(4, ge=1, le=16)
-    seed: int = Field(0, ge=0)
-
-
-class ProjectBody(BaseModel):
-    image: str
-    model: str = "base"
-    steps: int = Field(200, ge=1, le=2000)
 
 
 # -- the app --------------------------------------------------------------------------------------------------
@@ -149,6 +99,18 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
         raise HTTPException(400, f"unknown model {ref!r}: choose 'base', a studio run or a registered "
                                  f"{cfg.registry.model_prefix}-* model")
 
+    # pictures are made in the server's threads: a few at once, so that pages cannot starve training
+    drawing = threading.BoundedSemaphore(2)
+
+    @contextlib.contextmanager
+    def picture_slot():
+        if not drawing.acquire(blocking=False):
+            raise HTTPException(429, "busy: two pictures are being made; try again in a moment")
+        try:
+            yield
+        finally:
+            drawing.release()
+
     def workdir() -> str:
         return tempfile.mkdtemp(prefix="studio-")
 
@@ -189,7 +151,8 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
     @app.get("/api/base/samples.png", summary="samples of the base model (reference beside the canvas)")
     def base_samples(n: int = Query(4, ge=1, le=16), seed: int = Query(0, ge=0)):
         try:
-            return png(pictures.generate_png(cfg, model_ref("base"), n, seed))
+            with picture_slot():
+                return png(pictures.generate_png(cfg, model_ref("base"), n, seed))
         except (ValueError, OSError) as exc:
             fail(exc)
 
@@ -234,8 +197,13 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
             with locks_guard:
                 lock = set_locks.setdefault(name, threading.Lock())
             with lock:  # one writer per name; the set is published whole either way
-                if layout.sketch_set_exists(layout.sketchset_uri(cfg, name)) and not body.replace:
+                exists = layout.sketch_set_exists(layout.sketchset_uri(cfg, name))
+                if exists and not body.replace:
                     raise HTTPException(409, f"a sketch set named {name!r} exists: choose another name or replace it")
+                busy = runs.active_on(name) if exists else []
+                if busy:  # a pending run would train on the new sketches, a running one be compared with them
+                    raise HTTPException(409, f"runs {', '.join(busy)} train on {name!r}: wait for them or cancel "
+                                             "them before replacing it")
                 manifest = create_sketch_set(cfg, name, from_dir=staging)
         except uploads.UploadError as exc:
             fail(exc)
@@ -304,7 +272,8 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
         if run["model"] is None:
             raise HTTPException(409, f"run {run_id} has not finished ({run['status']})")
         try:
-            return png(pictures.compare_png(cfg, run, n, seed))
+            with picture_slot():
+                return png(pictures.compare_png(cfg, run, n, seed))
         except (ValueError, OSError) as exc:
             fail(exc)
 
@@ -342,8 +311,9 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
     def generate(body: GenerateBody) -> dict[str, str]:
         edits = [f"{e.component}:{e.strength}:{e.first}-{e.last}" for e in body.edits]
         try:
-            data = pictures.generate_png(cfg, model_ref(body.model), body.n, body.seed, body.truncation,
-                                         body.interpolate, edits, body.compare and bool(edits))
+            with picture_slot():
+                data = pictures.generate_png(cfg, model_ref(body.model), body.n, body.seed, body.truncation,
+                                             body.interpolate, edits, body.compare and bool(edits))
         except (ValueError, OSError, LookupError) as exc:
             fail(exc)
         return {"image": uploads.to_data_url(data)}
@@ -352,8 +322,9 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
     def blend(body: BlendBody) -> dict[str, str]:
         work = workdir()
         try:
-            data = pictures.blend_png(cfg, model_ref(body.a), model_ref(body.b), body.space, body.steps, body.n,
-                                      body.seed, work)
+            with picture_slot():
+                data = pictures.blend_png(cfg, model_ref(body.a), model_ref(body.b), body.space, body.steps,
+                                          body.n, body.seed, work)
         except (ValueError, OSError, LookupError) as exc:
             fail(exc)
         finally:
@@ -366,7 +337,8 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
         try:
             image = uploads.decode_data_url(body.image, limits.max_upload_bytes, "picture")
             uploads.sketch_as_trained(image, size, cfg.data.max_image_pixels, "picture")  # the guarded decoder
-            data, quality, lines = pictures.project_png(cfg, image, model_ref(body.model), body.steps, work)
+            with picture_slot():
+                data, quality, lines = pictures.project_png(cfg, image, model_ref(body.model), body.steps, work)
         except (ValueError, OSError, LookupError) as exc:
             fail(exc)
         finally:

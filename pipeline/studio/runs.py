@@ -214,6 +214,14 @@ class Runs:
     def _jobs(self, client) -> list:
         return [j for j in with_retry(client.list_jobs) if (j.metadata or {}).get(STUDIO_MARK) == "1"]
 
+    def active_on(self, sketch_set: str) -> list[str]:
+        """Ids of the pending or running runs that train on ``sketch_set`` (its replacement must wait)."""
+        if self._client is None and self.cfg.studio.ray_address is None:
+            return []  # no local Ray started yet: no run of this studio exists (and none is started to ask)
+        return [(j.metadata or {}).get("run_id", j.submission_id) for j in self._jobs(self.client())
+                if (j.metadata or {}).get("sketch_set") == sketch_set
+                and getattr(j.status, "value", str(j.status)) in ACTIVE]
+
     def list(self) -> list[dict[str, Any]]:
         """Every studio run, newest first."""
         jobs = self._jobs(self.client())
