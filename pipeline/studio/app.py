@@ -126,7 +126,7 @@ def create_app(cfg: Config, token: str | None = None, runs: Runs | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        from fastapi.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
