@@ -77,7 +77,6 @@ def labelled_row(label: str, images: np.ndarray, tile: int):
 
 def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
     """The figure as PNG bytes, or None when no customised model's sketch set is known."""
-    from PIL import Image
 
     customised = [s for s in specs if not s.baseline and s.sketches_uri]
     if not customised:
@@ -105,7 +104,13 @@ def compare_figure(cfg: Config, specs: list[ModelSpec]) -> bytes | None:
         tile = tile_size(max(p.shape[1] for _, p in pictures))
         rows += [labelled_row(label, images, tile) for label, images in pictures]
         rows.append(None)  # a gap between sketch sets
-    rows = rows[:-1]
+    return stacked_png(rows[:-1])
+
+
+def stacked_png(rows: list) -> bytes:
+    """Rows (PIL images; None for a gap) one under another, as PNG bytes."""
+    from PIL import Image
+
     width = max(r.width for r in rows if r is not None)
     height = sum(r.height if r is not None else 3 * GAP for r in rows)
     figure = Image.new("RGB", (width, height), "white")

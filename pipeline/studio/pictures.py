@@ -3,13 +3,9 @@ before/after comparison (`eval.compare`'s rows), blends (`edit.blend`) and proje
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
-
 from pipeline import layout, storage
 from pipeline.config import Config
-from pipeline.data.images import grid_png
+from pipeline.data.images import decode_png, grid_png
 
 
 def generate_png(cfg: Config, model: str, n: int, seed: int, truncation: float = 1.0, interpolate: bool = False,
@@ -24,9 +20,7 @@ def generate_png(cfg: Config, model: str, n: int, seed: int, truncation: float =
 
 def compare_png(cfg: Config, run: dict, n: int = 8, seed: int = 0) -> bytes:
     """The run's sketches, then the base and the customised model on the same latents (seeds seed..seed+n-1)."""
-    from PIL import Image
-
-    from pipeline.eval.compare import COUNT, first_sketches, labelled_row, tile_size
+    from pipeline.eval.compare import COUNT, first_sketches, labelled_row, stacked_png, tile_size
     from pipeline.registry.generate import GenerateRequest, generate_images
 
     n = max(1, min(n, COUNT))
@@ -36,14 +30,7 @@ def compare_png(cfg: Config, run: dict, n: int = 8, seed: int = 0) -> bytes:
     rows = [labelled_row(f"sketches: {run['sketch_set']}", first_sketches(run["sketchset_uri"]), tile),
             labelled_row("base, before", before, tile),
             labelled_row(f"customised, after ({run['iterations']} it.)", after, tile)]
-    figure = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        figure.paste(r, (0, y))
-        y += r.height
-    buf = io.BytesIO()
-    figure.save(buf, format="PNG")
-    return buf.getvalue()
+    return stacked_png(rows)
 
 
 def blend_png(cfg: Config, a: str, b: str, space: str, steps: int, n: int, seed: int, work: str) -> bytes:
@@ -66,13 +53,7 @@ def project_png(cfg: Config, image: bytes, model: str, steps: int, work: str) ->
     target_uri = storage.join(work, "target.png")
     storage.write_bytes(target_uri, image)
     lines = run_project(cfg, target_uri, model, work, ProjectSettings(steps=steps, space="w+"))
-    recon = np.asarray(_decode(storage.read_bytes(storage.join(work, layout.RECONSTRUCTION))))
+    recon = decode_png(storage.read_bytes(storage.join(work, layout.RECONSTRUCTION)))
     want = to_uint8(load_target(target_uri, recon.shape[0]))[0]
     return storage.read_bytes(storage.join(work, layout.PROJECTION_COMPARE)), psnr(recon, want), lines
 
-
-def _decode(png: bytes):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as im:
-        return im.convert("RGB")

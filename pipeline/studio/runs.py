@@ -96,6 +96,11 @@ def override_args(cfg: Config) -> list[str]:
     return args
 
 
+def status_of(job) -> str:
+    """A job's status as a plain string (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    return getattr(job.status, "value", str(job.status))
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
@@ -202,7 +207,7 @@ class Runs:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         client = self.client()
         with self._launch_lock:  # the count and the submission together: two browsers cannot both pass the cap
-            active = [j for j in self._jobs(client) if getattr(j.status, "value", str(j.status)) in ACTIVE]
+            active = [j for j in self._jobs(client) if status_of(j) in ACTIVE]
             if len(active) >= self.cfg.studio.max_active_runs:
                 raise RunRequestError(f"{len(active)} runs are already pending or running (studio.max_active_runs"
                                       f" = {self.cfg.studio.max_active_runs}): wait for one or cancel one")
@@ -220,7 +225,7 @@ class Runs:
             return []  # no local Ray started yet: no run of this studio exists (and none is started to ask)
         return [(j.metadata or {}).get("run_id", j.submission_id) for j in self._jobs(self.client())
                 if (j.metadata or {}).get("sketch_set") == sketch_set
-                and getattr(j.status, "value", str(j.status)) in ACTIVE]
+                and status_of(j) in ACTIVE]
 
     def list(self) -> list[dict[str, Any]]:
         """Every studio run, newest first."""
@@ -245,7 +250,7 @@ class Runs:
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         info = self.job(run_id)
-        if getattr(info.status, "value", str(info.status)) in ACTIVE:
+        if status_of(info) in ACTIVE:
             with_retry(self.client().stop_job, f"studio-{run_id}")
         return self.get(run_id)
 
@@ -265,7 +270,7 @@ class Runs:
     def describe(self, info) -> dict[str, Any]:
         """A run as the page shows it: status, progress from its metrics, ETA, latest losses and sample."""
         md = dict(info.metadata or {})
-        status = getattr(info.status, "value", str(info.status))
+        status = status_of(info)
         run_uri = md.get("run_uri", "")
         iterations = int(md.get("iterations", "0") or 0)
         try:
