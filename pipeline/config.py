@@ -178,7 +178,9 @@ class TrainConfig(ObjectiveSettings, RunSettings):
     dsketch_init: Literal["base", "random"] = "base"
     # not in GANSketching (0 = off): publish a running average of G (half-life in kimg; damps a high rate)
     ema_half_life_kimg: float = Field(0.0, ge=0)
-    max_concurrent_runs: int = Field(4, ge=1)
+    max_concurrent_runs: int = Field(4, ge=1)  # trainers at once (a packed group is one)
+    # sketch sets trained together in one worker's step (train/packed.py); auto: what the device packs well
+    pack: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     eval_every: int | None = Field(None, ge=1)
     run_prefix: str = "train"
     resume: str | None = None  # a run name whose latest checkpoint to resume from

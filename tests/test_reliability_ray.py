@@ -1,6 +1,6 @@
 """Issue 9, faults and load on the local Ray instance (scenarios 1, 2 and 5): a training worker killed mid-run, a
-preprocess driver killed and the job re-run, and a campaign of 16 tiny sketch sets trained at once. Every
-customised model ends up registered exactly once."""
+preprocess driver killed and the job re-run, and a campaign of 16 tiny sketch sets trained at once (in packed
+groups, `train.pack`). Every customised model ends up registered exactly once."""
 
 from __future__ import annotations
 
@@ -86,8 +86,13 @@ def test_campaign_of_16_sketch_sets_with_a_killed_worker_all_finish_and_each_is_
     assert marker.exists(), "no worker died"
     assert sorted(s["run_name"] for s in summaries) == [f"campaign-set{i:02d}" for i in range(N_SETS)]
     assert not any(s["reused"] for s in summaries)
+    # train.pack=auto: the 16 sets train as two packed groups of 8 (one Ray Train run, one worker each)
+    groups = [d.name for d in (world / "ray-train").iterdir() if d.name.startswith("campaign-")]
+    assert len(groups) == 2 and all("-and-7-" in g for g in groups), groups
+    # the killed group resumed every one of its sets from their checkpoints at iteration 1 (both groups when
+    # both workers reached the crash at the same moment)
     resumed = [s["run_name"] for s in summaries if s["metadata"]["resumed_at"][:1] == [1]]
-    assert resumed, "the killed run did not resume from its checkpoint at iteration 1"
+    assert len(resumed) in (8, 16), resumed
     for s in summaries:
         meta = s["metadata"]
         # a restarted run resumed from a checkpoint it wrote (Ray may also restart a worker it lost to memory

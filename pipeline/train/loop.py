@@ -18,6 +18,7 @@ import torch
 
 from pipeline.models import factory
 from pipeline.train import run_store
+from pipeline.train.ledger import RunLedger
 from pipeline.train.objective import GANSketchingStep
 from pipeline.train.spec import RunSpec, TestHooks
 from pipeline.train.step_base import process_group_size
@@ -26,13 +27,10 @@ from pipeline.train.streams import ImageStream, MakeEpoch, SketchSampler
 
 log = logging.getLogger("sketchgan.train")
 
-SAMPLE_SEED = 1234  # fixed latents of the sample grids, so grids of one run are comparable over time
-SAMPLE_COUNT = 16
-
 Report = Callable[[dict, "str | None"], None]
 
 
-class _Interval:
+class Interval:
     """Timing and throughput since the last report (wall time, CPU time, time spent waiting for images)."""
 
     def __init__(self):
@@ -66,90 +64,68 @@ def run_worker(spec: RunSpec, make_epoch: MakeEpoch | None, sketches: torch.Tens
     if world_size > 1 and process_group_size() == 0:
         # without a process group every worker would train its own copy and only rank 0's would be published
         raise RuntimeError(f"{spec.run_name}: {world_size} workers but no torch.distributed process group")
-    eval_every = getattr(run, "eval_every", None) if spec.evalset_uri else None
     step = build_step(spec, device, seed=run.seed * 1000 + rank)
     broadcast_from_rank0(step)
     is_gs = isinstance(step, GANSketchingStep)
     sampler = SketchSampler(sketches, spec.sketch_set.get("name", "?"), batch) if is_gs else None
 
-    start, history, resumed_at, position, best = 0, [], [], {"epoch": 0, "index": 0}, None
+    ledger = RunLedger(spec, writes=rank == 0)
     ckpt_uri = resume_checkpoint or run_store.latest_checkpoint(spec.run_uri) or spec.resume_from
     if ckpt_uri is not None:
-        state = run_store.load_checkpoint(ckpt_uri)
-        step.load_state_dict(state["step"])
-        start = int(state["iteration"])
-        history, resumed_at = list(state.get("history", [])), list(state.get("resumed_at", [])) + [start]
-        position, best = state.get("data_position", position), state.get("best")
-        if rank == 0:
-            log.info("%s: resuming from %s at iteration %d", spec.run_name, ckpt_uri, start)
+        step.load_state_dict(ledger.resume(ckpt_uri))
 
     images = None
     if not is_gs or step.D_image is not None:
         if make_epoch is None:
             raise ValueError(f"{spec.run_name}: this run needs real images but no image dataset was given")
-        images = ImageStream(make_epoch, cfg.model.size, batch, position["epoch"], position["index"])
+        images = ImageStream(make_epoch, cfg.model.size, batch, ledger.position["epoch"], ledger.position["index"])
 
     evaluator = None
-    if rank == 0 and eval_every:
+    if rank == 0 and ledger.eval_every:
         from pipeline.train.evaluate import FidEvaluator
 
         evaluator = FidEvaluator(cfg, spec.evalset_uri, device)
 
-    sample_z = torch.randn(SAMPLE_COUNT, cfg.model.style_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-    if rank == 0 and start == 0:
-        run_store.write_samples(spec.run_uri, final_generator(step), sample_z, 0, device)
+    if rank == 0 and ledger.start == 0:
+        ledger.samples(final_generator(step), 0, device)
 
-    interval, logs = _Interval(), {}
-    for it in range(start, total_iters):
-        if hooks and hooks.crash_at == it and hooks.crash_marker:
-            _crash_once(hooks.crash_marker)
+    interval = Interval()
+    for it in range(ledger.start, total_iters):
+        crash_if_asked(hooks, it)
         t_data = time.perf_counter()
         real = next(images) if images is not None else None
         interval.data_wait += time.perf_counter() - t_data
         logs = step.step(it, real, sampler.sample(step.rng) if sampler is not None else None)
         interval.steps += 1
         n_done = it + 1
-        last = n_done == total_iters
-        ckpt_now = n_done % run.checkpoint_every == 0 or last
-        eval_now = bool(eval_every) and (n_done % eval_every == 0 or last)
+        due = ledger.due(n_done)
         metrics = None
-        if n_done % run.log_every == 0 or ckpt_now or eval_now:  # from the config alone: every rank alike
-            metrics = {"iteration": n_done, **{k: round(float(v), 6) for k, v in logs.items()},
-                       **interval.metrics(global_batch)}
-            if eval_now and evaluator is not None:
-                metrics["fid"] = round(evaluator(final_generator(step)), 4)
-            history.append(metrics)
-            if rank == 0:  # the driver shows progress from these rows: no need to print them here too
-                run_store.write_metrics(spec.run_uri, history)
-                log.debug("%s: %s", spec.run_name, " ".join(f"{k}={v}" for k, v in metrics.items()))
-        new_best = metrics is not None and "fid" in metrics and (best is None or metrics["fid"] < best["fid"])
-        if new_best:
-            best = {"fid": metrics["fid"], "iteration": n_done}
+        if due.metrics:
+            timing = interval.metrics(global_batch)  # before the FID, which is not training time
+            fid = evaluator(final_generator(step)) if due.fid and evaluator is not None else None
+            metrics = ledger.record(n_done, logs, timing, fid)
+        new_best = ledger.is_new_best(metrics)
         saved = None
-        if rank == 0 and (ckpt_now or new_best):
-            position = images.position() if images is not None else position
-            state = {"format": run_store.CHECKPOINT_FORMAT, "kind": spec.kind, "iteration": n_done,
-                     "step": step.state_dict(), "history": history, "resumed_at": resumed_at,
-                     "data_position": position, "best": best, "config": spec.config,
-                     "fingerprints": spec.fingerprints()}
-            if ckpt_now:
-                saved = run_store.save_checkpoint(spec.run_uri, n_done, state, keep=run.keep_checkpoints)
-            if new_best:  # kept beside the rotating latest ones, with its generator ready to publish
-                run_store.save_best_generator(spec.run_uri, n_done, final_generator(step))
-                run_store.save_checkpoint(spec.run_uri, n_done, state, keep=run.keep_checkpoints, name="best")
-        if rank == 0 and n_done % run.sample_every == 0 and not last:
-            run_store.write_samples(spec.run_uri, final_generator(step), sample_z, n_done, device)
+        if rank == 0 and (due.checkpoint or new_best):
+            position = images.position() if images is not None else ledger.position
+            state = ledger.checkpoint_state(n_done, step.state_dict(), position)
+            saved = ledger.save(n_done, state, due.checkpoint, new_best, final_generator(step))
+        if rank == 0 and due.samples:
+            ledger.samples(final_generator(step), n_done, device)
         if metrics is not None:
             if report is not None:
                 report(metrics, saved)  # every rank reports at the same iterations (a barrier in Ray Train)
-            interval = _Interval()
+            interval = Interval()
 
-    final_metrics = history[-1] if history else {}
     if rank == 0:
-        run_store.write_samples(spec.run_uri, final_generator(step), sample_z, total_iters, device)
-        run_store.write_final(spec, final_generator(step), published_discriminators(step), final_metrics,
-                              resumed_at, best)
-    return final_metrics
+        return ledger.finish(final_generator(step), published_discriminators(step), device)
+    return ledger.history[-1] if ledger.history else {}
+
+
+def crash_if_asked(hooks: TestHooks | None, iteration: int) -> None:
+    """Tests only: die once at the hooked iteration."""
+    if hooks and hooks.crash_at == iteration and hooks.crash_marker:
+        _crash_once(hooks.crash_marker)
 
 
 def _crash_once(marker: str) -> None:

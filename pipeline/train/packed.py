@@ -13,20 +13,24 @@ A lane draws exactly what a separate run draws, in the same order: latents, mixi
 own generators, and the noise a separate run takes from torch's global generator from a generator standing in
 for it. So each lane's losses and weights follow a separate run's up to floating-point reassociation in the
 batched passes, and a lane's `state_dict` has a separate step's format: a packed run can resume alone and
-the other way round. ``trained=all`` cannot pack (each lane would need its own synthesis network).
+the other way round. ``trained=all`` cannot pack (each lane would need its own synthesis network). A running
+average of G (``ema_beta``) is kept per lane for its mapping network only: the rest of G is frozen, so its
+average is the base itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.train.losses import apply_transform, d_loss, g_loss, parse_transform, r1_penalty, weight_loss
-from pipeline.train.step_base import ObjectiveConfig, StepBase, adam, requires_grad
+from pipeline.train.step_base import ObjectiveConfig, StepBase, adam, requires_grad, update_ema
 
 PACKABLE = ("mapping", "w_shift")
 
@@ -49,6 +53,7 @@ class Lane:
     rng: torch.Generator  # latents, mixing, augmentation: a separate step's ``rng``
     py_rng: random.Random  # the mixing layer: a separate step's ``py_rng``
     noise_rng: torch.Generator  # G's per-layer noise: what a separate run draws from torch's global generator
+    style_ema: nn.Module | None = None  # the running average of ``style`` (train.ema_half_life_kimg > 0)
 
     @property
     def d_modules(self) -> list[nn.Module]:
@@ -64,9 +69,6 @@ class PackedGANSketchingStep(StepBase):
         if cfg.trained not in PACKABLE:
             raise PackingError(f"train.trained={cfg.trained!r} cannot be packed: every customisation would need "
                                f"its own synthesis network (packable: {', '.join(PACKABLE)})")
-        if cfg.ema_beta:
-            raise PackingError("a running average of G (train.ema_half_life_kimg) is not packed yet: set it to 0 "
-                               "or train.pack to 1")
         seeds = list(seeds if seeds is not None else range(len(D_sketches)))
         if not (len(D_sketches) == len(D_images) == len(seeds)) or not seeds:
             raise PackingError(f"a packed step needs one D_sketch, D_image and seed per lane, got "
@@ -99,7 +101,8 @@ class PackedGANSketchingStep(StepBase):
                     opt_g=adam(groups, cfg.lr, (cfg.beta1, cfg.beta2), device=self.device),
                     opt_d=adam(d_params, lr_d, (cfg.beta1, cfg.beta2), reg_every=reg_every, device=self.device),
                     rng=torch.Generator().manual_seed(seed), py_rng=random.Random(seed),
-                    noise_rng=torch.Generator().manual_seed(seed))
+                    noise_rng=torch.Generator().manual_seed(seed),
+                    style_ema=copy.deepcopy(style).eval().requires_grad_(False) if cfg.ema_beta else None)
 
     # -- generation: one synthesis pass for every lane -----------------------------------------------------
     def _latent(self, lane: Lane, batch: int) -> torch.Tensor:
@@ -215,6 +218,8 @@ class PackedGANSketchingStep(StepBase):
         total.backward()
         for lane in lanes:
             lane.opt_g.step()
+            if lane.style_ema is not None:
+                update_ema(lane.style_ema, lane.style, cfg.ema_beta)
         return [dict(sorted(d.items())) for d in logs]
 
     @staticmethod
@@ -224,10 +229,25 @@ class PackedGANSketchingStep(StepBase):
         return images
 
     # -- per-lane state, in a separate step's format ------------------------------------------------------
-    def lane_generator_state(self, k: int) -> dict[str, torch.Tensor]:
-        """G's state dict with lane ``k``'s mapping network: what a separate run's G holds."""
-        own = {f"style.{n}": t for n, t in self.lanes[k].style.state_dict().items()}
+    def lane_generator_state(self, k: int, average: bool = False) -> dict[str, torch.Tensor]:
+        """G's state dict with lane ``k``'s mapping network (its running average with ``average``): what a
+        separate run's G (``G_ema``) holds."""
+        lane = self.lanes[k]
+        style = lane.style_ema if average else lane.style
+        own = {f"style.{n}": t for n, t in style.state_dict().items()}
         return {n: own.get(n, t) for n, t in self.G.state_dict().items()}
+
+    @contextlib.contextmanager
+    def lane_generator(self, k: int, average: bool | None = None) -> Iterator[nn.Module]:
+        """G with lane ``k``'s mapping network in place (the running average when the lane keeps one, unless
+        ``average`` says otherwise): what a separate run would sample or publish. Restored on exit."""
+        lane, frozen = self.lanes[k], self.G.style
+        use_average = lane.style_ema is not None if average is None else average
+        self.G.style = lane.style_ema if use_average else lane.style
+        try:
+            yield self.G
+        finally:
+            self.G.style = frozen
 
     def lane_state_dict(self, k: int) -> dict:
         """Lane ``k`` as `GANSketchingStep.state_dict` writes a separate run (loadable by either)."""
@@ -235,6 +255,7 @@ class PackedGANSketchingStep(StepBase):
         return {"G": self.lane_generator_state(k), "D_sketch": lane.D_sketch.state_dict(),
                 "D_image": lane.D_image.state_dict() if lane.D_image is not None else {},
                 "G_originals": {n: t for (n, _), t in zip(lane.trained, lane.originals)},
+                **({"G_ema": self.lane_generator_state(k, average=True)} if lane.style_ema is not None else {}),
                 "opt_g": lane.opt_g.state_dict(), "opt_d": lane.opt_d.state_dict(),
                 "rng": {"torch": lane.noise_rng.get_state(), "gen": lane.rng.get_state(),
                         "py": lane.py_rng.getstate()}}
@@ -252,6 +273,12 @@ class PackedGANSketchingStep(StepBase):
         if lane.D_image is not None:
             lane.D_image.load_state_dict(state["D_image"])
         lane.originals = [state["G_originals"][n].to(self.device) for n, _ in lane.trained]
+        if lane.style_ema is not None:
+            if "G_ema" not in state:
+                raise ValueError("checkpoint has no G_ema: it was written by a run without an EMA of G "
+                                 "(train.ema_half_life_kimg)")
+            lane.style_ema.load_state_dict({n[len("style."):]: t for n, t in state["G_ema"].items()
+                                            if n.startswith("style.")})
         lane.opt_g.load_state_dict(state["opt_g"])
         lane.opt_d.load_state_dict(state["opt_d"])
         lane.noise_rng.set_state(state["rng"]["torch"])

@@ -8,13 +8,16 @@ other settings is refused, naming the settings; so is a finished run asked for m
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass
 
 from pipeline import layout, storage
 from pipeline.config import Config, PretrainConfig, SketchSetSpec, TrainConfig
 from pipeline.models import factory
 from pipeline.train import run_store
+from pipeline.train.packed import PACKABLE
 from pipeline.train.spec import RunSpec
 
 log = logging.getLogger("sketchgan.train")
@@ -29,6 +32,11 @@ MUST_MATCH = {
     "pretrain": ("batch_size", "lr", "r1_gamma", "r1_every", "ema_half_life_kimg", "mixing", "augment",
                  "precision", "seed", "num_workers"),
 }
+
+
+# train.pack=auto: sets per packed group. On a GPU the device saturates from about 4-8 sets at 256 px
+# (benchmarks/README.md, "Packed customisations"); on a CPU the measured gain is in that README too.
+AUTO_PACK = {"gpu": 8, "cpu": 8}
 
 
 class TrainingInputError(ValueError):
@@ -243,6 +251,49 @@ def plan_train(cfg: Config) -> list[RunPlan]:
     storage.ensure_writable(cfg.storage.root)
     base_sha = check_base_checkpoints(cfg)
     return [plan_train_run(cfg, s, base_g_sha=base_sha) for s in sets]
+
+
+def pack_key(spec: RunSpec) -> str:
+    """Runs pack together only when this is equal: the same base (its sha256), architecture, data and every
+    setting but the sketch set (so different bases, architectures or objectives never share a step)."""
+    config = spec.cfg.model_dump(mode="json")
+    for key in ("sketch_sets", "resume", "run_prefix"):
+        config["train"].pop(key, None)
+    return json.dumps({"config": config, "base_g_sha256": spec.base_g_sha256,
+                       "dataset": spec.dataset_manifest_id}, sort_keys=True)
+
+
+def pack_size(cfg: Config) -> int:
+    """Sets per packed group from ``train.pack``: ``auto`` packs what can be (1 when nothing can); an explicit
+    pack > 1 with settings that cannot pack is refused, naming them."""
+    t = cfg.train
+    reasons = []
+    if t.trained not in PACKABLE:
+        reasons.append(f"train.trained={t.trained!r} trains the synthesis network, which every set would need "
+                       "its own copy of")
+    if t.num_workers > 1:
+        reasons.append(f"train.num_workers={t.num_workers}: a packed group trains on one worker")
+    if t.pack == "auto":
+        return 1 if reasons else AUTO_PACK["gpu" if t.use_gpu else "cpu"]
+    if t.pack > 1 and reasons:
+        raise TrainingInputError(f"train.pack={t.pack} cannot be used: " + "; ".join(reasons) +
+                                 " (set train.pack=1, or auto to pack only what can be)")
+    return t.pack
+
+
+def pack_groups(plans: list[RunPlan], size: int) -> list[list[RunPlan]]:
+    """The runs to train, grouped: runs that may share a step (`pack_key`) and start at the same checkpoint
+    iteration, split into groups of at most ``size`` of near-equal size, in the plans' order."""
+    buckets: dict[tuple, list[RunPlan]] = {}
+    for plan in plans:
+        start = run_store.checkpoint_iteration(plan.spec.run_uri) or 0
+        buckets.setdefault((pack_key(plan.spec), start, plan.dataset_uri), []).append(plan)
+    groups = []
+    for members in buckets.values():
+        n = math.ceil(len(members) / size)
+        bounds = [round(i * len(members) / n) for i in range(n + 1)]
+        groups += [members[a:b] for a, b in zip(bounds, bounds[1:])]
+    return groups
 
 
 def plan_pretrain(cfg: Config) -> RunPlan:

@@ -51,7 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.streams import decode_png_batch
 
     _quiet_worker_logs()
-    spec: RunSpec = config["spec"]
+    specs: list[RunSpec] = config["specs"]
+    spec = specs[0]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_worker = spec.section.batch_size // world
@@ -67,12 +68,22 @@ def train_loop_per_worker(config: dict) -> None:
                                       local_shuffle_buffer_size=config.get("shuffle_buffer") or None,
                                       local_shuffle_seed=(seed * 100_003 + epoch * 101 + rank) % 2**31)
 
-    sketches = None
+    sketches = [None] * len(specs)
     if spec.kind == "train":
-        blobs = config["sketches"]
-        if isinstance(blobs, ray.ObjectRef):
-            blobs = ray.get(blobs)
-        sketches = decode_png_batch(blobs, 1, spec.cfg.model.size)
+        sketches = [decode_png_batch(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref, 1,
+                                     spec.cfg.model.size) for ref in config["sketches"]]
+    hooks = TestHooks(**config["test_hooks"]) if config.get("test_hooks") else None
+    if len(specs) > 1:  # a packed group: each set resumes from its own folder (`packed_loop.group_start`)
+        from pipeline.train.packed_loop import run_packed_worker
+
+        def report_group(rows: dict[str, dict]) -> None:
+            first = next(iter(rows.values()))
+            ray.train.report({"iteration": first["iteration"], "sets": len(rows),
+                              **{f"{name}/{k}": v for name, row in rows.items() for k, v in row.items()
+                                 if k != "iteration"}})
+
+        run_packed_worker(specs, make_epoch, sketches, report=report_group, hooks=hooks)
+        return
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -93,8 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                             "iteration": metrics.get("iteration")}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    hooks = TestHooks(**config["test_hooks"]) if config.get("test_hooks") else None
-    run_worker(spec, make_epoch, sketches, report=report, rank=rank, world_size=world,
+    run_worker(spec, make_epoch, sketches[0], report=report, rank=rank, world_size=world,
                resume_checkpoint=resume, hooks=hooks)
 
 
@@ -221,22 +231,24 @@ def image_datasets(images, num_workers: int) -> tuple[dict[str, Any], bool]:
     return parts, True
 
 
-def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = None):
-    """The `TorchTrainer` for one run, given its `prepare_run_inputs` entry (``callbacks`` go to `RunConfig`,
-    e.g. Tune's report callback)."""
+def trainer_for(group: list[RunPlan], data: dict[str, dict[str, Any]], callbacks: list | None = None):
+    """The `TorchTrainer` for one run, or for a packed group of runs (one worker), given `prepare_run_inputs`
+    (``callbacks`` go to `RunConfig`, e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.backend import torch_config_for
 
-    spec = plan.spec
+    spec = group[0].spec
     run = spec.section
-    datasets, per_rank = data.get("images") or ({}, False)
+    datasets, per_rank = data[spec.run_name].get("images") or ({}, False)
     resources: dict[str, float] = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = run.gpus_per_worker or 1.0  # fractional: several small fine-tunes share one GPU
-    config = {"spec": spec, "has_images": bool(datasets), "images_per_rank": per_rank, "shuffle_buffer": 64,
-              "sketches": data.get("sketches"), "test_hooks": _test_hooks_from_env()}
+    config = {"specs": [p.spec for p in group], "has_images": bool(datasets), "images_per_rank": per_rank,
+              "shuffle_buffer": 64, "sketches": [data[p.run_name].get("sketches") for p in group],
+              "test_hooks": _test_hooks_from_env()}
+    name = spec.run_name if len(group) == 1 else f"{spec.run_name}-and-{len(group) - 1}"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -245,7 +257,7 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
         torch_config=torch_config_for(run.num_workers),
         run_config=RunConfig(
             # a fresh Ray Train run per launch: our checkpoints, not Ray's, carry state across launches
-            name=f"{spec.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             # Ray Train's INFO lines (resources requested, worker group started) say nothing a user acts on
@@ -258,27 +270,44 @@ def trainer_for(plan: RunPlan, data: dict[str, Any], callbacks: list | None = No
 
 def fit_plan(plan: RunPlan, data: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or reuse) one planned run to completion; returns a summary with its final metadata."""
-    spec = plan.spec
-    summary = {"run_name": spec.run_name, "run_uri": spec.run_uri}
-    if plan.state == "finished":
-        log.info("%s already finished at %s: reusing it", spec.run_name, spec.run_uri)
-        return {**summary, "reused": True, "metadata": layout.open_finished_run(spec.run_uri).metadata}
+    return fit_group([plan], {plan.run_name: data} if data is not None else None, callbacks)[0]
+
+
+def fit_group(group: list[RunPlan], data: dict[str, dict[str, Any]] | None = None,
+              callbacks: list | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) planned runs to completion, several in one packed step when the group holds several;
+    returns a summary per run with its final metadata."""
+    summaries = [{"run_name": p.run_name, "run_uri": p.spec.run_uri} for p in group]
+    if all(p.state == "finished" for p in group):
+        for p in group:
+            log.info("%s already finished at %s: reusing it", p.run_name, p.spec.run_uri)
+        return [{**s, "reused": True, "metadata": layout.open_finished_run(p.spec.run_uri).metadata}
+                for s, p in zip(summaries, group)]
+    if any(p.state == "finished" for p in group):
+        raise ValueError("a packed group mixes finished and unfinished runs")  # pack_groups never makes one
     ensure_ray()
     if data is None:
-        data = prepare_run_inputs([plan])[plan.run_name]
-    if plan.state == "continue":
-        run_store.mark_unfinished(spec.run_uri)
-    run_store.write_run_info(spec)
+        data = prepare_run_inputs(group)
     t0 = time.time()
-    log.info("%s: %s (%d iterations)%s", spec.run_name, "continuing" if plan.state == "continue" else "starting",
-             spec.section.iterations, f", sketch set {spec.sketch_set['name']}" if spec.sketch_set else "")
-    trainer_for(plan, data, callbacks).fit()
-    finished = layout.finished_run(spec.run_uri)
-    if finished is None:
-        raise TrainingRunError(f"run {spec.run_name}: training ended without writing "
-                               f"{layout.final_metadata_uri(spec.run_uri)}")
-    log.info("%s finished in %.0fs -> %s", spec.run_name, time.time() - t0, spec.run_uri)
-    return {**summary, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": finished.metadata}
+    for p in group:
+        spec = p.spec
+        if p.state == "continue":
+            run_store.mark_unfinished(spec.run_uri)
+        run_store.write_run_info(spec)
+        log.info("%s: %s (%d iterations)%s", spec.run_name, "continuing" if p.state == "continue" else "starting",
+                 spec.section.iterations, f", sketch set {spec.sketch_set['name']}" if spec.sketch_set else "")
+    if len(group) > 1:
+        log.info("%s: trained together in one step", ", ".join(p.run_name for p in group))
+    trainer_for(group, data, callbacks).fit()
+    out = []
+    for s, p in zip(summaries, group):
+        finished = layout.finished_run(p.spec.run_uri)
+        if finished is None:
+            raise TrainingRunError(f"run {p.run_name}: training ended without writing "
+                                   f"{layout.final_metadata_uri(p.spec.run_uri)}")
+        log.info("%s finished in %.0fs -> %s", p.run_name, time.time() - t0, p.spec.run_uri)
+        out.append({**s, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": finished.metadata})
+    return out
 
 
 def run_training(cfg: Config, sketch: SketchSetSpec, run_name: str | None = None,
@@ -296,15 +325,18 @@ def train_all(cfg: Config) -> list[dict[str, Any]]:
     if todo:
         ensure_ray()
     data = prepare_run_inputs(todo) if todo else {}
-    workers = max(1, min(cfg.train.max_concurrent_runs, len(plans)))
+    groups = [[plan] for plan in plans if plan.state == "finished"]
+    groups += planning.pack_groups(todo, planning.pack_size(cfg))
+    workers = max(1, min(cfg.train.max_concurrent_runs, len(groups)))
     with follow(todo), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
-        futures = [(plan.run_name, pool.submit(fit_plan, plan, data.get(plan.run_name))) for plan in plans]
-        results, failures = [], []
-        for name, fut in futures:
+        futures = [(group, pool.submit(fit_group, group, data)) for group in groups]
+        by_name, failures = {}, []
+        for group, fut in futures:
             try:
-                results.append(fut.result())
+                by_name.update((s["run_name"], s) for s in fut.result())
             except Exception as exc:  # keep the other runs going; report every failure at the end
-                failures.append(f"{name}: {exc}")
+                failures.append(f"{', '.join(p.run_name for p in group)}: {exc}")
+        results = [by_name[plan.run_name] for plan in plans if plan.run_name in by_name]
     if failures:
         raise TrainingRunError(f"{len(failures)} of {len(plans)} training runs failed:\n  " + "\n  ".join(failures))
     return results

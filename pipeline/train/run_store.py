@@ -62,21 +62,28 @@ def checkpoint_iteration(run_uri: str) -> int | None:
     return int(storage.read_json(pointer).get("iteration", 0)) if storage.exists(pointer) else None
 
 
-def save_checkpoint(run_uri: str, iteration: int, state: dict, keep: int, name: str | None = None) -> str:
+def save_checkpoint(run_uri: str, iteration: int, state: dict, keep: int, name: str | None = None,
+                    rotate: bool = True) -> str:
     """Write the iteration's checkpoint atomically, move the latest pointer to it, then drop all but the last
-    ``keep`` rotated ones. ``name`` (e.g. ``best``) writes a named checkpoint and pointer, outside the rotation.
+    ``keep`` rotated ones (unless ``rotate`` is off: `rotate_checkpoints` later). ``name`` (e.g. ``best``)
+    writes a named checkpoint and pointer, outside the rotation.
     """
     uri = layout.checkpoint_uri(run_uri, iteration, name)
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(uri, buf.getvalue())
     storage.write_json(layout.checkpoint_pointer_uri(run_uri, name), {"uri": uri, "iteration": iteration})
-    if name is None:
-        rotated = [u for u in storage.list_files(layout.checkpoints_uri(run_uri), suffix=".pt")
-                   if layout.is_rotated_checkpoint(u)]
-        for old in rotated[:-keep]:
-            storage.delete(old)
+    if name is None and rotate:
+        rotate_checkpoints(run_uri, keep)
     return uri
+
+
+def rotate_checkpoints(run_uri: str, keep: int) -> None:
+    """Drop all but the run's last ``keep`` rotated checkpoints."""
+    rotated = [u for u in storage.list_files(layout.checkpoints_uri(run_uri), suffix=".pt")
+               if layout.is_rotated_checkpoint(u)]
+    for old in rotated[:-keep]:
+        storage.delete(old)
 
 
 def save_best_generator(run_uri: str, iteration: int, published_g: torch.nn.Module) -> None:
