@@ -154,7 +154,9 @@ def test_unreadable_sketch_in_a_stored_set_is_refused_on_the_driver_naming_set_a
     good = _png(_triangle(32))
     _write_stored_set(str(root / "sketchsets" / "broken"), ["s0", "s1-bad", "s2"],
                       [good, b"\x89PNG\r\n\x1a\ngarbage", good])
-    cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.sketch_sets=[{name: broken}]")
+    # beside a good set it would be packed with (train.pack=2): refused by name before any group starts
+    cfg = _tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.pack=2",
+                    "train.sketch_sets=[{name: tri}, {name: broken}]")
     with pytest.raises(planning.TrainingInputError, match=r"sketch set 'broken': sketch 's1-bad' .*undecodable"):
         raytrain.train_all(cfg)
     with pytest.raises(SketchSetError, match=r"sketch 's1-bad' is unreadable"):

@@ -182,7 +182,8 @@ def no_workers(monkeypatch):
 @pytest.mark.reliability
 def test_missing_sketch_set_is_refused_by_name(setup, no_workers):
     root, g, d = setup
-    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}",
+    # two sets that would train in one packed group: the missing one is refused by name before any group starts
+    cfg = tiny_cfg(root, f"model.base_g={g}", f"model.base_d={d}", "train.pack=2",
                    "train.sketch_sets=[{name: tri}, {name: horse-ears}]")
     with pytest.raises(planning.TrainingInputError, match="sketch set 'horse-ears' not found"):
         raytrain.train_all(cfg)

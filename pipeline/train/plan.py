@@ -36,7 +36,7 @@ MUST_MATCH = {
 
 # train.pack=auto: sets per packed group. On a GPU the device saturates from about 4-8 sets at 256 px
 # (benchmarks/README.md, "Packed customisations"); on a CPU the measured gain is in that README too.
-AUTO_PACK = {"gpu": 8, "cpu": 8}
+AUTO_PACK = {"gpu": 8, "cpu": 4}
 
 
 class TrainingInputError(ValueError):
