@@ -78,7 +78,7 @@ def test_campaign_of_16_sketch_sets_with_a_killed_worker_all_finish_and_each_is_
     # reaching it at the very same moment may die too: each death must be survived alike.
     monkeypatch.setenv(raytrain.CRASH_ENV, f"1:{marker}")
     sets = ", ".join(f"{{name: set{i:02d}}}" for i in range(N_SETS))
-    cfg = _cfg(world, f"train.sketch_sets=[{sets}]", "train.run_prefix=campaign", "train.iterations=2",
+    cfg = _cfg(world, f"train.sketch_sets=[{sets}]", "train.run_prefix=campaign", "train.iterations=2", "train.pack=8",
                "train.checkpoint_every=1", f"train.max_concurrent_runs={CONCURRENT}", "train.max_failures=1")
     t0 = time.monotonic()
     summaries = raytrain.train_all(cfg)
@@ -86,7 +86,7 @@ def test_campaign_of_16_sketch_sets_with_a_killed_worker_all_finish_and_each_is_
     assert marker.exists(), "no worker died"
     assert sorted(s["run_name"] for s in summaries) == [f"campaign-set{i:02d}" for i in range(N_SETS)]
     assert not any(s["reused"] for s in summaries)
-    # train.pack=auto: the 16 sets train as two packed groups of 8 (one Ray Train run, one worker each)
+    # train.pack=8: the 16 sets train as two packed groups of 8 (one Ray Train run, one worker each)
     groups = [d.name for d in (world / "ray-train").iterdir() if d.name.startswith("campaign-")]
     assert len(groups) == 2 and all("-and-7-" in g for g in groups), groups
     # the killed group resumed every one of its sets from their checkpoints at iteration 1 (both groups when
