@@ -129,7 +129,10 @@ def test_groups_hold_runs_of_one_base_and_start_in_near_equal_sizes(world):
 def test_train_pack_packs_what_can_be_and_refuses_what_cannot(world):
     root, common = world
     assert planning.pack_size(tiny_cfg(root, *common, "train.pack=3")) == 3
-    assert planning.pack_size(tiny_cfg(root, *common)) == planning.AUTO_PACK["cpu"]
+    assert planning.pack_size(tiny_cfg(root, *common)) == 4  # auto on a CPU, and per whole GPU
+    assert planning.pack_size(tiny_cfg(root, *common, "train.use_gpu=true")) == 4
+    assert planning.pack_size(tiny_cfg(root, *common, "train.use_gpu=true", "train.gpus_per_worker=0.5")) == 2
+    assert planning.pack_size(tiny_cfg(root, *common, "train.use_gpu=true", "train.gpus_per_worker=0.1")) == 1
     assert planning.pack_size(tiny_cfg(root, *common, "train.trained=all")) == 1  # auto: nothing to pack
     with pytest.raises(planning.TrainingInputError, match="train.pack=2 cannot be used: train.trained='all'"):
         planning.pack_size(tiny_cfg(root, *common, "train.trained=all", "train.pack=2"))

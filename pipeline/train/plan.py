@@ -34,9 +34,10 @@ MUST_MATCH = {
 }
 
 
-# train.pack=auto: sets per packed group. On a GPU the device saturates from about 4-8 sets at 256 px
-# (benchmarks/README.md, "Packed customisations"); on a CPU the measured gain is in that README too.
-AUTO_PACK = {"gpu": 8, "cpu": 4}
+# train.pack=auto: sets per packed group. On a CPU two groups of 4 on one core each were fastest here; on a
+# whole GPU 4 sets at 256 px and batch 4 take about 15 GB on paper (fits a 24 GB device) and an H100 saturates from
+# about 4-8 (benchmarks/README.md, "Packed customisations"): 4 per whole GPU, fewer on a fraction of one.
+AUTO_PACK = 4
 
 
 class TrainingInputError(ValueError):
@@ -274,7 +275,9 @@ def pack_size(cfg: Config) -> int:
     if t.num_workers > 1:
         reasons.append(f"train.num_workers={t.num_workers}: a packed group trains on one worker")
     if t.pack == "auto":
-        return 1 if reasons else AUTO_PACK["gpu" if t.use_gpu else "cpu"]
+        if reasons:
+            return 1
+        return max(1, int(AUTO_PACK * (t.gpus_per_worker or 1.0))) if t.use_gpu else AUTO_PACK
     if t.pack > 1 and reasons:
         raise TrainingInputError(f"train.pack={t.pack} cannot be used: " + "; ".join(reasons) +
                                  " (set train.pack=1, or auto to pack only what can be)")
