@@ -126,7 +126,9 @@ def test_groups_hold_runs_of_one_base_and_start_in_near_equal_sizes(world):
     assert planning.pack_key(specs_for(root, arch, "a")[0]) != planning.pack_key(specs_for(root, cfg, "a")[0])
 
 
-def test_train_pack_packs_what_can_be_and_refuses_what_cannot(world):
+def test_train_pack_packs_what_can_be_and_refuses_what_cannot(world, monkeypatch):
+    from pipeline.train import raytrain
+
     root, common = world
     assert planning.pack_size(tiny_cfg(root, *common, "train.pack=3")) == 3
     assert planning.pack_size(tiny_cfg(root, *common)) == 4  # auto on a CPU, and per whole GPU
@@ -138,3 +140,36 @@ def test_train_pack_packs_what_can_be_and_refuses_what_cannot(world):
         planning.pack_size(tiny_cfg(root, *common, "train.trained=all", "train.pack=2"))
     with pytest.raises(planning.TrainingInputError, match="train.num_workers=2: a packed group trains on one"):
         planning.pack_size(tiny_cfg(root, *common, "train.num_workers=2", "train.pack=2"))
+
+    def no_ray():
+        raise AssertionError("Ray would have started")
+
+    monkeypatch.setattr(raytrain, "ensure_ray", no_ray)  # refused by `train` before Ray starts
+    with pytest.raises(planning.TrainingInputError, match="train.pack=2 cannot be used"):
+        raytrain.train_all(tiny_cfg(root, *common, "train.trained=all", "train.pack=2",
+                                    "train.sketch_sets=[{name: tri}]"))
+
+
+def test_a_failing_set_fails_alone_the_rest_of_its_group_trains(world, monkeypatch):
+    """One set's failure fails its group's step: `train_all` then trains the group's sets one by one, so only
+    the failing set is reported (and counted) as failed."""
+    from pipeline.train import raytrain
+
+    root, common = world
+    cfg = tiny_cfg(root, *common, "train.pack=2", "train.sketch_sets=[{name: tri}, {name: sq}]")
+    calls = []
+
+    def fit_group(group, data, callbacks=None):
+        names = [p.run_name for p in group]
+        calls.append(names)
+        if "train-sq" in names:
+            raise RuntimeError("NaN in D_sketch")
+        return [{"run_name": n, "run_uri": "", "reused": False} for n in names]
+
+    monkeypatch.setattr(raytrain, "ensure_ray", lambda: None)
+    monkeypatch.setattr(raytrain, "prepare_run_inputs", lambda plans: {})
+    monkeypatch.setattr(raytrain, "fit_group", fit_group)
+    with pytest.raises(raytrain.TrainingRunError, match=r"1 of 2 training runs failed:\n  train-sq: NaN") as err:
+        raytrain.train_all(cfg)
+    assert "train-tri" not in str(err.value)
+    assert calls[0] == ["train-tri", "train-sq"] and sorted(calls[1:]) == [["train-sq"], ["train-tri"]]

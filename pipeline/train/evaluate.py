@@ -15,12 +15,13 @@ from pipeline.config import Config
 class FidEvaluator:
     """Callable: ``evaluator(G) -> FID`` over ``eval.n_samples`` images from fixed latents."""
 
-    def __init__(self, cfg: Config, evalset_uri: str, device: torch.device):
+    def __init__(self, cfg: Config, evalset_uri: str, device: torch.device, extractor=None):
         from pipeline.eval.features import build_extractor
         from pipeline.eval.refstats import reference_stats
 
         self.cfg, self.device = cfg, device
-        self.extractor = build_extractor(cfg.eval, device=device)
+        # a packed group's sets share one extractor (``extractor``), each with its own evaluation set
+        self.extractor = extractor if extractor is not None else build_extractor(cfg.eval, device=device)
         # the validation part: the benchmark reports the test part, which no training choice sees
         self.ref = reference_stats(cfg, evalset_uri, self.extractor, part="validation")
 

@@ -27,7 +27,6 @@ class Due:
     checkpoint: bool
     fid: bool
     samples: bool
-    last: bool
 
 
 class RunLedger:
@@ -58,7 +57,7 @@ class RunLedger:
         checkpoint = n_done % run.checkpoint_every == 0 or last
         fid = bool(self.eval_every) and (n_done % self.eval_every == 0 or last)
         return Due(metrics=n_done % run.log_every == 0 or checkpoint or fid, checkpoint=checkpoint, fid=fid,
-                   samples=n_done % run.sample_every == 0 and not last, last=last)
+                   samples=n_done % run.sample_every == 0 and not last)
 
     def record(self, n_done: int, logs: dict, interval: dict, fid: float | None = None) -> dict:
         """A metrics row: the step's losses, the interval's throughput and the FID when measured."""
@@ -78,6 +77,7 @@ class RunLedger:
         return new
 
     def checkpoint_state(self, n_done: int, step_state: dict, position: dict) -> dict:
+        """What a checkpoint at ``n_done`` holds; ``position`` (in the real-image stream) becomes the ledger's."""
         spec = self.spec
         self.position = position
         return {"format": run_store.CHECKPOINT_FORMAT, "kind": spec.kind, "iteration": n_done, "step": step_state,

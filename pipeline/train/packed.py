@@ -15,7 +15,8 @@ for it. So each lane's losses and weights follow a separate run's up to floating
 batched passes, and a lane's `state_dict` has a separate step's format: a packed run can resume alone and
 the other way round. ``trained=all`` cannot pack (each lane would need its own synthesis network). A running
 average of G (``ema_beta``) is kept per lane for its mapping network only: the rest of G is frozen, so its
-average is the base itself.
+average is the base itself. On a GPU a separate run draws its noise from the CUDA generator and a lane from a CPU
+one: there lanes follow separate runs in distribution, not draw for draw (checkpoints still load either way).
 """
 
 from __future__ import annotations

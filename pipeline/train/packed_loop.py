@@ -22,7 +22,7 @@ from pipeline.train.ledger import RunLedger
 from pipeline.train.loop import Interval, crash_if_asked
 from pipeline.train.packed import PackedGANSketchingStep
 from pipeline.train.spec import RunSpec, TestHooks
-from pipeline.train.step_factory import build_packed_step
+from pipeline.train.step_factory import build_packed_step, discriminator_files
 from pipeline.train.streams import ImageStream, MakeEpoch, SketchSampler
 
 log = logging.getLogger("sketchgan.train")
@@ -31,13 +31,14 @@ GroupReport = Callable[[dict], None]
 
 
 def group_start(specs: list[RunSpec]) -> int:
-    """The iteration a (re)started group continues from: the newest one whose checkpoint every set has."""
-    starts = [run_store.checkpoint_iteration(s.run_uri) or 0 for s in specs]
+    """The iteration a (re)started group continues from: the newest one whose checkpoint every set has (a set
+    whose latest checkpoint is gone counts as none, as for a separate run)."""
+    starts = [run_store.resumable_iteration(s.run_uri) for s in specs]
     start = min(starts)
-    if start and not all(storage.exists(layout.checkpoint_uri(s.run_uri, start)) for s in specs):
-        missing = [s.run_name for s in specs if not storage.exists(layout.checkpoint_uri(s.run_uri, start))]
-        raise RuntimeError(f"packed group: the checkpoint of iteration {start} is missing for "
-                           f"{', '.join(missing)}; train these sets with train.pack=1")
+    missing = [s.run_name for s in specs if start and not storage.exists(layout.checkpoint_uri(s.run_uri, start))]
+    if missing:  # older checkpoints are rotated only once every set has the newer one: not expected
+        raise RuntimeError(f"packed group: no checkpoint of iteration {start} for {', '.join(missing)}, although "
+                           "another set of the group needs to continue from it")
     if start != max(starts):
         log.warning("packed group: sets checkpointed at iterations %s; all continue from %d", starts, start)
     return start
@@ -68,9 +69,11 @@ def run_packed_worker(specs: list[RunSpec], make_epoch: MakeEpoch | None, sketch
 
     evaluators = {}
     if any(ledger.eval_every for ledger in ledgers):
+        from pipeline.eval.features import build_extractor
         from pipeline.train.evaluate import FidEvaluator
 
-        evaluators = {spec.evalset_uri: FidEvaluator(cfg, spec.evalset_uri, device)
+        extractor = build_extractor(cfg.eval, device=device)  # one feature network for every set
+        evaluators = {spec.evalset_uri: FidEvaluator(cfg, spec.evalset_uri, device, extractor)
                       for spec, ledger in zip(specs, ledgers) if ledger.eval_every}
     if start == 0:
         _samples(step, ledgers, 0, device)
@@ -105,18 +108,19 @@ def run_packed_worker(specs: list[RunSpec], make_epoch: MakeEpoch | None, sketch
 
     out = {}
     for k, ledger in enumerate(ledgers):
-        lane = step.lanes[k]
-        discriminators = {layout.D_SKETCH_FILE: lane.D_sketch}
-        if lane.D_image is not None:
-            discriminators[layout.D_IMAGE_FILE] = lane.D_image
+        lane, spec = step.lanes[k], ledger.spec
         with step.lane_generator(k) as G:
-            out[ledger.spec.run_name] = ledger.finish(G, discriminators, device)
+            out[spec.run_name] = ledger.finish(G, discriminator_files(lane.D_sketch, lane.D_image), device)
+        # a group restarted at its last iteration saves nothing: drop what a kill left beyond keep_checkpoints
+        run_store.rotate_checkpoints(spec.run_uri, spec.section.keep_checkpoints)
     return out
 
 
 def _record(step: PackedGANSketchingStep, ledgers: list[RunLedger], evaluators: dict, n_done: int,
             logs: list[dict], interval: Interval) -> dict[str, dict]:
-    """Each due set's metrics row (its FID measured on its own evaluation set), by run name."""
+    """Each due set's metrics row (its FID measured on its own evaluation set), by run name. The throughput
+    fields describe the group's process (``cpu_cores``, ``data_wait_frac``) and each set's own progress
+    (``it_per_s``, ``img_per_s``)."""
     rows = {}
     timing = None
     for k, ledger in enumerate(ledgers):

@@ -289,7 +289,7 @@ def pack_groups(plans: list[RunPlan], size: int) -> list[list[RunPlan]]:
     iteration, split into groups of at most ``size`` of near-equal size, in the plans' order."""
     buckets: dict[tuple, list[RunPlan]] = {}
     for plan in plans:
-        start = run_store.checkpoint_iteration(plan.spec.run_uri) or 0
+        start = run_store.resumable_iteration(plan.spec.run_uri)
         buckets.setdefault((pack_key(plan.spec), start, plan.dataset_uri), []).append(plan)
     groups = []
     for members in buckets.values():

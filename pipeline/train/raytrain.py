@@ -1,8 +1,10 @@
-"""The Ray Train edge of training: one `TorchTrainer` per planned run, several runs (one per sketch set) at once.
+"""The Ray Train edge of training: one `TorchTrainer` per planned run or packed group of runs (`plan.pack_groups`),
+several at once.
 
 Real images stream to the workers as Ray Data (a small dataset materialised once and split one part per rank;
 a large one as a streaming split); the small sketch set goes whole to every worker through the object store.
-The per-worker function runs `pipeline.train.loop.run_worker`, shared with Tune trials and the benchmarks.
+The per-worker function runs `pipeline.train.loop.run_worker` (shared with Tune trials and the benchmarks), or
+`pipeline.train.packed_loop.run_packed_worker` for a packed group.
 
 Storage is the source of truth: checkpoints live in the run's folder; Ray Train only tracks a pointer to the
 latest one, which ``ray.train.get_checkpoint()`` hands back to a restarted worker group after a failure.
@@ -241,6 +243,8 @@ def trainer_for(group: list[RunPlan], data: dict[str, dict[str, Any]], callbacks
 
     spec = group[0].spec
     run = spec.section
+    if len(group) > 1 and run.num_workers != 1:
+        raise ValueError(f"a packed group trains on one worker, not train.num_workers={run.num_workers}")
     datasets, per_rank = data[spec.run_name].get("images") or ({}, False)
     resources: dict[str, float] = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
@@ -299,14 +303,14 @@ def fit_group(group: list[RunPlan], data: dict[str, dict[str, Any]] | None = Non
     if len(group) > 1:
         log.info("%s: trained together in one step", ", ".join(p.run_name for p in group))
     trainer_for(group, data, callbacks).fit()
+    finished = [layout.finished_run(p.spec.run_uri) for p in group]
+    missing = [layout.final_metadata_uri(p.spec.run_uri) for p, f in zip(group, finished) if f is None]
+    if missing:
+        raise TrainingRunError("training ended without writing " + ", ".join(missing))
     out = []
-    for s, p in zip(summaries, group):
-        finished = layout.finished_run(p.spec.run_uri)
-        if finished is None:
-            raise TrainingRunError(f"run {p.run_name}: training ended without writing "
-                                   f"{layout.final_metadata_uri(p.spec.run_uri)}")
+    for s, p, f in zip(summaries, group, finished):
         log.info("%s finished in %.0fs -> %s", p.run_name, time.time() - t0, p.spec.run_uri)
-        out.append({**s, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": finished.metadata})
+        out.append({**s, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": f.metadata})
     return out
 
 
@@ -322,24 +326,43 @@ def train_all(cfg: Config) -> list[dict[str, Any]]:
     """Customise the base model once per sketch set, several runs at once; one summary per run."""
     plans = planning.plan_train(cfg)  # every input of every run checked before any worker starts
     todo = [plan for plan in plans if plan.state != "finished"]
+    pack = planning.pack_size(cfg) if todo else 1  # refused settings are refused before Ray starts
     if todo:
         ensure_ray()
     data = prepare_run_inputs(todo) if todo else {}
     groups = [[plan] for plan in plans if plan.state == "finished"]
-    groups += planning.pack_groups(todo, planning.pack_size(cfg))
+    groups += planning.pack_groups(todo, pack)
     workers = max(1, min(cfg.train.max_concurrent_runs, len(groups)))
     with follow(todo), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train-run") as pool:
-        futures = [(group, pool.submit(fit_group, group, data)) for group in groups]
-        by_name, failures = {}, []
-        for group, fut in futures:
-            try:
-                by_name.update((s["run_name"], s) for s in fut.result())
-            except Exception as exc:  # keep the other runs going; report every failure at the end
-                failures.append(f"{', '.join(p.run_name for p in group)}: {exc}")
+        by_name, failures = {}, {}
+        for group, exc in _fit_groups(pool, groups, data, by_name):
+            if len(group) == 1:
+                failures[group[0].run_name] = exc
+                continue
+            # one set's failure fails its whole group: train the group's sets one by one, so that only the
+            # failing one fails (each continues from its own latest checkpoint)
+            log.warning("packed group %s failed (%s): training its sets separately",
+                        ", ".join(p.run_name for p in group), exc)
+            for single, single_exc in _fit_groups(pool, [[p] for p in group], data, by_name):
+                failures[single[0].run_name] = single_exc
         results = [by_name[plan.run_name] for plan in plans if plan.run_name in by_name]
     if failures:
-        raise TrainingRunError(f"{len(failures)} of {len(plans)} training runs failed:\n  " + "\n  ".join(failures))
+        raise TrainingRunError(f"{len(failures)} of {len(plans)} training runs failed:\n  " +
+                               "\n  ".join(f"{name}: {exc}" for name, exc in failures.items()))
     return results
+
+
+def _fit_groups(pool: ThreadPoolExecutor, groups: list[list[RunPlan]], data: dict, by_name: dict
+                ) -> list[tuple[list[RunPlan], Exception]]:
+    """Fit the groups in the pool, each summary into ``by_name``; returns the groups that failed, with why."""
+    futures = [(group, pool.submit(fit_group, group, data)) for group in groups]
+    failed = []
+    for group, fut in futures:
+        try:
+            by_name.update((s["run_name"], s) for s in fut.result())
+        except Exception as exc:  # keep the other runs going; report every failure at the end
+            failed.append((group, exc))
+    return failed
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:

@@ -56,6 +56,13 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return uri if storage.exists(uri) else None
 
 
+def resumable_iteration(run_uri: str) -> int:
+    """The iteration a run would continue from: its latest checkpoint's, 0 when it has none (or it is gone)."""
+    if latest_checkpoint(run_uri) is None:
+        return 0
+    return checkpoint_iteration(run_uri) or 0
+
+
 def checkpoint_iteration(run_uri: str) -> int | None:
     """The iteration of the run's latest checkpoint (from its pointer), or None when it has none."""
     pointer = layout.checkpoint_pointer_uri(run_uri)

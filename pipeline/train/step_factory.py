@@ -98,7 +98,12 @@ def published_discriminators(step: TrainingStep) -> dict[str, torch.nn.Module]:
     """The discriminators a run publishes beside G, by file name."""
     if isinstance(step, StyleGAN2Step):
         return {layout.D_FILE: step.D}
-    out = {layout.D_SKETCH_FILE: step.D_sketch}
-    if step.D_image is not None:
-        out[layout.D_IMAGE_FILE] = step.D_image
+    return discriminator_files(step.D_sketch, step.D_image)
+
+
+def discriminator_files(D_sketch: torch.nn.Module, D_image: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
+    """A customisation's discriminators by published file name (the image one only when it trains)."""
+    out = {layout.D_SKETCH_FILE: D_sketch}
+    if D_image is not None:
+        out[layout.D_IMAGE_FILE] = D_image
     return out
