@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -108,15 +107,17 @@ def child(cfg_file: str, side: str, cpus: int, pack: int, separate_at_once: int)
 
 
 class PeakMemory:
-    """The peak over time of the summed PSS of a process and all its descendants, sampled in a thread."""
+    """The peak over time of the summed PSS of a process and all its descendants, sampled in a background thread
+    (`pipeline.progress.Poller`)."""
 
     def __init__(self, pid: int, every: float = 0.5):
         import psutil
 
-        self.root, self.every, self.peak, self.peak_processes = psutil.Process(pid), every, 0, 0
+        from pipeline.progress import Poller
+
+        self.root, self.peak, self.peak_processes = psutil.Process(pid), 0, 0
         self.breakdown: dict[str, int] = {}  # at the peak: PSS by kind of process
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._poller = Poller(self._sample, every=every)
 
     def _sample(self) -> None:
         import psutil
@@ -136,18 +137,13 @@ class PeakMemory:
         if total > self.peak:
             self.peak, self.peak_processes, self.breakdown = total, n, kinds
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.every)
-
     def __enter__(self) -> PeakMemory:
-        self._thread.start()
+        self._sample()
+        self._poller.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._poller.__exit__(*exc)
 
 
 def _kind(name: str, cmdline: str) -> str:

@@ -88,10 +88,11 @@ def run_packed_worker(specs: list[RunSpec], make_epoch: MakeEpoch | None, sketch
         logs = step.step(it, [real] * len(specs), user)
         interval.steps += 1
         n_done = it + 1
-        rows, saved = _record(step, ledgers, evaluators, n_done, logs, interval), False
+        dues = [ledger.due(n_done) for ledger in ledgers]
+        rows, saved = _record(step, ledgers, dues, evaluators, n_done, logs, interval), False
         position = images.position() if images is not None else ledgers[0].position
-        for k, ledger in enumerate(ledgers):
-            due, new_best = ledger.due(n_done), ledger.is_new_best(rows.get(ledger.spec.run_name))
+        for k, (ledger, due) in enumerate(zip(ledgers, dues)):
+            new_best = ledger.is_new_best(rows.get(ledger.spec.run_name))
             if due.checkpoint or new_best:
                 state = ledger.checkpoint_state(n_done, step.lane_state_dict(k), position)
                 with step.lane_generator(k) as G:
@@ -99,7 +100,7 @@ def run_packed_worker(specs: list[RunSpec], make_epoch: MakeEpoch | None, sketch
         if saved:  # older checkpoints go only once every set has this iteration's
             for spec in specs:
                 run_store.rotate_checkpoints(spec.run_uri, spec.section.keep_checkpoints)
-        if ledgers[0].due(n_done).samples:
+        if dues[0].samples:
             _samples(step, ledgers, n_done, device)
         if rows:
             if report is not None:
@@ -116,15 +117,14 @@ def run_packed_worker(specs: list[RunSpec], make_epoch: MakeEpoch | None, sketch
     return out
 
 
-def _record(step: PackedGANSketchingStep, ledgers: list[RunLedger], evaluators: dict, n_done: int,
+def _record(step: PackedGANSketchingStep, ledgers: list[RunLedger], dues: list, evaluators: dict, n_done: int,
             logs: list[dict], interval: Interval) -> dict[str, dict]:
     """Each due set's metrics row (its FID measured on its own evaluation set), by run name. The throughput
     fields describe the group's process (``cpu_cores``, ``data_wait_frac``) and each set's own progress
     (``it_per_s``, ``img_per_s``)."""
     rows = {}
     timing = None
-    for k, ledger in enumerate(ledgers):
-        due = ledger.due(n_done)
+    for k, (ledger, due) in enumerate(zip(ledgers, dues)):
         if not due.metrics:
             continue
         timing = timing or interval.metrics(ledger.spec.section.batch_size)  # one interval for the group

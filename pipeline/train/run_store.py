@@ -58,9 +58,11 @@ def latest_checkpoint(run_uri: str) -> str | None:
 
 def resumable_iteration(run_uri: str) -> int:
     """The iteration a run would continue from: its latest checkpoint's, 0 when it has none (or it is gone)."""
-    if latest_checkpoint(run_uri) is None:
+    pointer = layout.checkpoint_pointer_uri(run_uri)
+    if not storage.exists(pointer):
         return 0
-    return checkpoint_iteration(run_uri) or 0
+    latest = storage.read_json(pointer)  # read once: its checkpoint and its iteration
+    return int(latest.get("iteration", 0)) if storage.exists(latest["uri"]) else 0
 
 
 def checkpoint_iteration(run_uri: str) -> int | None:
