@@ -125,6 +125,44 @@ def test_local_runs_go_without_a_preemption_watcher(straight):
     assert not any("Preemption" in c for c in classes), classes
 
 
+def test_one_worker_runs_keep_torch_out_of_ray_trains_controller(world, straight):
+    """Ray Train starts a controller process per run, which unpickles the run's backend config: a one-worker
+    run's (`SingleWorkerConfig`) loads no torch there, where Ray's `TorchConfig` costs ≈ 400 MiB per run."""
+    import threading
+    import time
+
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    loaded: dict[str, bool] = {}  # process kind -> libtorch seen in its memory map at any poll
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for proc in raylet.children(recursive=True):
+                try:
+                    title = " ".join(proc.cmdline())
+                    kind = next((k for k in ("TrainController", "RayTrainWorker") if title.startswith(f"ray::{k}")),
+                                None)
+                    if kind and proc.create_time() >= started:  # this run's (earlier runs' may linger)
+                        torch_mapped = "libtorch_cpu" in Path(f"/proc/{proc.pid}/maps").read_text()
+                        loaded[kind] = loaded.get(kind, False) or torch_mapped
+                except (psutil.Error, OSError):
+                    pass  # gone between the listing and the read
+            time.sleep(0.1)
+
+    started = time.time() - 1  # process start times are rounded to clock ticks
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        raytrain.train_all(train_cfg(world, "train.run_prefix=notorch", "train.iterations=2"))
+    finally:
+        stop.set()
+        watcher.join()
+    assert loaded == {"TrainController": False, "RayTrainWorker": True}
+
+
 @pytest.mark.reliability
 def test_kill_worker_mid_run_recovers_from_latest_checkpoint(world, straight, monkeypatch, tmp_path):
     marker = tmp_path / "crashed-once"
