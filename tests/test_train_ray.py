@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def base(world):
     """`sketchgan pretrain` with 2 data-parallel workers; its outputs are the base of every train run."""
     cfg = cfg_for(world, "pretrain.iterations=3", "pretrain.batch_size=8", "pretrain.num_workers=2",
                   "pretrain.cpus_per_worker=0.5", "pretrain.log_every=1", "pretrain.checkpoint_every=2")
-    summary = raytrain.pretrain(cfg)
+    handler = signal.getsignal(signal.SIGINT)
+    summary = raytrain.pretrain(cfg)  # on the main thread, where Ray Train installs a Ctrl-C handler for the run
+    summary["sigint_handlers"] = (handler, signal.getsignal(signal.SIGINT))
     return summary, cfg
 
 
@@ -92,6 +95,12 @@ def test_pretrain_with_two_workers_publishes_a_usable_base(base):
     assert ckpt["iteration"] == 3
     published = torch.load(Path(run) / "final" / "G.pth", weights_only=True)
     assert all(torch.equal(published[k], ckpt["step"]["G_ema"][k]) for k in published)
+
+
+def test_a_run_on_the_main_thread_gives_ctrl_c_back(base):
+    # Ray Train's handler would abort the finished run's controller (keeping it alive) and swallow the next Ctrl-C
+    before, after = base[0]["sigint_handlers"]
+    assert after is before
 
 
 def test_train_one_worker_writes_the_run_contract(straight, world):

@@ -16,7 +16,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -302,7 +304,7 @@ def fit_group(group: list[RunPlan], data: dict[str, dict[str, Any]] | None = Non
                  spec.section.iterations, f", sketch set {spec.sketch_set['name']}" if spec.sketch_set else "")
     if len(group) > 1:
         log.info("%s: trained together in one step", ", ".join(p.run_name for p in group))
-    trainer_for(group, data, callbacks).fit()
+    fit_restoring_sigint(trainer_for(group, data, callbacks))
     finished = [layout.finished_run(p.spec.run_uri) for p in group]
     missing = [layout.final_metadata_uri(p.spec.run_uri) for p, f in zip(group, finished) if f is None]
     if missing:
@@ -312,6 +314,19 @@ def fit_group(group: list[RunPlan], data: dict[str, dict[str, Any]] | None = Non
         log.info("%s finished in %.0fs -> %s", p.run_name, time.time() - t0, p.spec.run_uri)
         out.append({**s, "reused": False, "seconds": round(time.time() - t0, 1), "metadata": f.metadata})
     return out
+
+
+def fit_restoring_sigint(trainer) -> None:
+    """``trainer.fit()``; on the main thread Ray Train installs a Ctrl-C handler that aborts this run's controller,
+    put back afterwards: left in place it keeps the finished controller's process alive and swallows the next
+    Ctrl-C (e.g. while a chained command registers or benchmarks)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None
+    try:
+        trainer.fit()
+    finally:
+        if on_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_training(cfg: Config, sketch: SketchSetSpec, run_name: str | None = None,
